@@ -1,0 +1,146 @@
+"""Compare a candidate's result for a fact with the base's recorded result.
+
+Plain numbers in, a :class:`Verdict` out; nothing here imports torch.
+
+Whether a model "knows" a fact is decided by one or two checks:
+
+* ``generation``: its greedy completion matches an accepted answer under the fact's match rule;
+* ``choice`` (facts with ``choices`` only): an accepted answer has a higher total log-probability
+  than every distractor.
+
+The model knows the fact when any check passes. A candidate has ``regressed`` on a fact the base knew
+when it fails a check the base passed, or when its next-token distribution moved past the fact's
+tolerance (``kl``) or the expected answer became less likely by more than the tolerance
+(``logprob_drop``).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Iterable
+
+from .engine import FactResult, kl_divergence
+from .suite import Fact, Tolerance
+
+RETAINED = "retained"
+REGRESSED = "regressed"
+GAINED = "gained"
+UNKNOWN = "unknown"
+STATUSES = (RETAINED, REGRESSED, GAINED, UNKNOWN)
+
+# A KL of 0.5 nats is about what turning a 50/50 split into 90/10 costs (0.51 nats); a
+# log-probability drop of 1 nat makes the expected answer e (about 2.7) times less likely.
+DEFAULT_TOLERANCE = Tolerance(kl=0.5, logprob_drop=1.0)
+
+_TRAILING_PUNCTUATION = ".,;:!?\"')]"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The outcome for one fact, with every number a failure report needs."""
+
+    fact_id: str
+    status: str
+    failed_checks: tuple[str, ...]
+    base_checks: dict[str, bool]
+    candidate_checks: dict[str, bool]
+    base_completion: str
+    candidate_completion: str
+    base_logprob: float | None  # best accepted answer, nats; None for regex facts
+    candidate_logprob: float | None
+    kl: float | None  # KL(base || candidate) over the base's top-k plus the rest, nats
+    tolerance: Tolerance
+
+    @property
+    def passed(self) -> bool:
+        return self.status != REGRESSED
+
+    @property
+    def logprob_drop(self) -> float | None:
+        if self.base_logprob is None or self.candidate_logprob is None:
+            return None
+        return self.base_logprob - self.candidate_logprob
+
+
+def completion_matches(completion: str, answer: str, rule: str) -> bool:
+    """Return whether a greedy completion gives ``answer`` under a match rule.
+
+    Leading whitespace of the completion is ignored. ``prefix``, ``exact`` and ``contains`` compare
+    case-insensitively (``str.casefold``) and need the answer to end at a word boundary, so
+    "Paris." matches "Paris" but "Parisian" does not. ``exact`` compares the completion's first line
+    with trailing punctuation removed. ``regex`` runs ``re.search`` on the completion as written.
+    """
+    text = completion.lstrip()
+    if rule == "regex":
+        return re.search(answer, text) is not None
+    if rule == "exact":
+        first_line = text.split("\n", 1)[0].rstrip().rstrip(_TRAILING_PUNCTUATION).rstrip()
+        return first_line.casefold() == answer.strip().casefold()
+
+    pattern = re.escape(answer.strip().casefold()) + r"(?!\w)"
+    if rule == "prefix":
+        return re.match(pattern, text.casefold()) is not None
+    if rule == "contains":
+        return re.search(r"(?<!\w)" + pattern, text.casefold()) is not None
+    raise ValueError(f"unknown match rule {rule!r}")
+
+
+def knowledge_checks(fact: Fact, result: FactResult) -> dict[str, bool]:
+    """Run the fact's checks on one model's result; see the module docstring."""
+    checks = {
+        "generation": any(completion_matches(result.completion, answer, fact.match) for answer in fact.expect),
+    }
+    # A regex fact's answers are patterns, not text the model could be scored on.
+    if fact.choices and result.answer_logprobs:
+        checks["choice"] = max(result.answer_logprobs) > max(result.choice_logprobs)
+    return checks
+
+
+def judge(fact: Fact, base: FactResult, candidate: FactResult, tolerance: Tolerance) -> Verdict:
+    """Return the verdict for ``fact``; ``tolerance`` is the effective one, every field set."""
+    base_checks = knowledge_checks(fact, base)
+    candidate_checks = knowledge_checks(fact, candidate)
+    base_knows = any(base_checks.values())
+    candidate_knows = any(candidate_checks.values())
+
+    kl = None
+    if len(candidate.probe_logprobs) == len(base.top_logprobs):
+        kl = kl_divergence(base.top_logprobs, candidate.probe_logprobs)
+    base_logprob = max(base.answer_logprobs, default=None)
+    candidate_logprob = max(candidate.answer_logprobs, default=None)
+    drop = None if base_logprob is None or candidate_logprob is None else base_logprob - candidate_logprob
+
+    failed: list[str] = []
+    if base_knows:
+        failed += [name for name, passed in base_checks.items() if passed and not candidate_checks[name]]
+        if kl is not None and tolerance.kl is not None and kl > tolerance.kl:
+            failed.append("kl")
+        if drop is not None and tolerance.logprob_drop is not None and drop > tolerance.logprob_drop:
+            failed.append("logprob_drop")
+
+    if base_knows:
+        status = REGRESSED if failed else RETAINED
+    else:
+        status = GAINED if candidate_knows else UNKNOWN
+
+    return Verdict(
+        fact_id=fact.id,
+        status=status,
+        failed_checks=tuple(failed),
+        base_checks=base_checks,
+        candidate_checks=candidate_checks,
+        base_completion=base.completion,
+        candidate_completion=candidate.completion,
+        base_logprob=base_logprob,
+        candidate_logprob=candidate_logprob,
+        kl=kl,
+        tolerance=tolerance,
+    )
+
+
+def count_statuses(verdicts: Iterable[Verdict]) -> dict[str, int]:
+    counts = dict.fromkeys(STATUSES, 0)
+    for verdict in verdicts:
+        counts[verdict.status] += 1
+    return counts
