@@ -1,0 +1,221 @@
+"""pytest hooks: options, suite collection, one scoring pass per session, and the summary.
+
+Nothing here imports torch: the heavy modules load only when ``--kinject`` is given and facts
+were selected, so ``pytest --co`` in a project that has the plugin installed stays fast.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .suite import Fact, SuiteError, Tolerance, is_suite_file, load_suite
+
+outcome_key = pytest.StashKey["Any"]()
+# Number of facts in each collected suite file, to tell a whole-suite run from a selection.
+fact_counts_key = pytest.StashKey[dict[Path, int]]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("kinject", "kinject: knowledge regression tests for language models")
+    group.addoption("--kinject", action="store_true", default=False,
+                    help="Collect fact suites (*.kinject.jsonl, *.kinject.yaml) and check the candidate model against "
+                         "the base snapshot.")
+    group.addoption("--kinject-update", action="store_true", default=False,
+                    help="Record the base model's results for the selected facts into the snapshot files.")
+    group.addoption("--kinject-model", metavar="REF", default=None,
+                    help="Base model: a local model folder, a hub id, a .gguf file, or 'smollm2' (the default; "
+                         "ini: kinject_model).")
+    group.addoption("--kinject-adapter", metavar="DIR", action="append", default=[],
+                    help="PEFT adapter folder applied to the base to form the candidate; repeat to apply several.")
+    group.addoption("--kinject-candidate", metavar="REF", default=None,
+                    help="A full or merged fine-tuned checkpoint to check instead of the base (folder, hub id, .gguf).")
+    group.addoption("--kinject-device", metavar="DEVICE", default=None,
+                    help="Device to score on: auto (CUDA when available), cpu, cuda, cuda:N (ini: kinject_device).")
+    group.addoption("--kinject-dtype", metavar="DTYPE", default=None, choices=("float32", "bfloat16", "float16"),
+                    help="Dtype of the model weights: float32 (default), bfloat16, float16 (ini: kinject_dtype).")
+    group.addoption("--kinject-batch-size", metavar="N", type=int, default=None,
+                    help="Sequences per forward pass, default 16 (ini: kinject_batch_size).")
+    group.addoption("--kinject-top-k", metavar="K", type=int, default=None,
+                    help="Size of the recorded next-token distribution, default 20 (ini: kinject_top_k).")
+    group.addoption("--kinject-max-kl", metavar="NATS", type=float, default=None,
+                    help="Tolerance on KL(base || candidate) over the base's top-k, in nats; default 0.5 "
+                         "(ini: kinject_max_kl). Suite and fact tolerances win over it.")
+    group.addoption("--kinject-max-logprob-drop", metavar="NATS", type=float, default=None,
+                    help="Tolerance on the drop of the expected answer's log-probability, in nats; default 1.0 "
+                         "(ini: kinject_max_logprob_drop). Suite and fact tolerances win over it.")
+    group.addoption("--kinject-snapshot-dir", metavar="DIR", default=None,
+                    help="Folder for snapshot files instead of __kinject__/ beside each suite (ini: kinject_snapshot_dir).")
+
+    parser.addini("kinject_model", "Base model reference for kinject (default: smollm2).", default=None)
+    parser.addini("kinject_device", "Device kinject scores on (default: auto).", default=None)
+    parser.addini("kinject_dtype", "Dtype of the model weights (default: float32).", default=None)
+    parser.addini("kinject_batch_size", "Sequences per forward pass (default: 16).", default=None)
+    parser.addini("kinject_top_k", "Size of the recorded next-token distribution (default: 20).", default=None)
+    parser.addini("kinject_max_kl", "Tolerance on KL(base || candidate) in nats (default: 0.5).", default=None)
+    parser.addini("kinject_max_logprob_drop", "Tolerance on the expected answer's log-probability drop in nats "
+                  "(default: 1.0).", default=None)
+    parser.addini("kinject_snapshot_dir", "Folder for snapshot files (default: __kinject__/ beside each suite).",
+                  default=None)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "kinject: a fact from a kinject suite")
+    if config.getoption("kinject"):
+        config.pluginmanager.register(KinjectPlugin(config), "kinject-session")
+
+
+def _setting(config: pytest.Config, name: str, convert: Any = str) -> Any:
+    value = config.getoption(f"kinject_{name}")
+    if value is None:
+        value = config.getini(f"kinject_{name}")
+    if value in (None, ""):
+        return None
+    try:
+        return convert(value)
+    except ValueError:
+        raise pytest.UsageError(f"ini key kinject_{name} = {value!r} is invalid; expected a {convert.__name__}") from None
+
+
+def _options(config: pytest.Config) -> Any:
+    from .session import Options
+
+    snapshot_dir = _setting(config, "snapshot_dir")
+    options = Options(
+        model=_setting(config, "model") or "smollm2",
+        adapters=tuple(config.getoption("kinject_adapter")),
+        candidate=config.getoption("kinject_candidate"),
+        update=config.getoption("kinject_update"),
+        device=_setting(config, "device") or "auto",
+        dtype=_setting(config, "dtype") or "float32",
+        batch_size=_setting(config, "batch_size", int) or 16,
+        top_k=_setting(config, "top_k", int) or 20,
+        snapshot_dir=Path(snapshot_dir) if snapshot_dir else None,
+        tolerance=Tolerance(kl=_setting(config, "max_kl", float),
+                            logprob_drop=_setting(config, "max_logprob_drop", float)),
+    )
+    if options.candidate and options.adapters:
+        raise pytest.UsageError("--kinject-candidate and --kinject-adapter cannot be combined; an adapter applies "
+                                "to the base model, so pass the base with --kinject-model")
+    for name, value in (("--kinject-batch-size", options.batch_size), ("--kinject-top-k", options.top_k)):
+        if value < 1:
+            raise pytest.UsageError(f"{name}={value} is invalid; pass a positive integer")
+    return options
+
+
+class KinjectPlugin:
+    """Registered only under ``--kinject``: collects suites and runs the session once."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+        self.options = _options(config)
+        self.session: Any = None
+
+    def pytest_collect_file(self, file_path: Path, parent: pytest.Collector) -> pytest.Collector | None:
+        if is_suite_file(file_path):
+            return SuiteFile.from_parent(parent, path=file_path)
+        return None
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_finish(self, session: pytest.Session) -> None:
+        items = [item for item in session.items if isinstance(item, FactItem)]
+        if not items or self.config.getoption("collectonly"):
+            return
+
+        from .session import KinjectSession, KinjectUsageError
+
+        reporter = self.config.pluginmanager.get_plugin("terminalreporter")
+        progress = reporter.write_line if reporter is not None else print
+        self.session = KinjectSession(self.options, progress=progress)
+        try:
+            outcomes = self.session.run([item.fact for item in items], whole_suites=_whole_suites(session, items))
+        except KinjectUsageError as error:
+            raise pytest.UsageError(str(error)) from None
+        for item in items:
+            item.stash[outcome_key] = outcomes.get(f"{item.fact.path}::{item.fact.id}")
+
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        if self.session is None or not self.session.outcomes:
+            return
+        from .report import summary_lines
+
+        terminalreporter.section("kinject")
+        terminalreporter.write_line(f"candidate: {self.options.candidate_label}")
+        for line in summary_lines(self.session.outcomes.values()):
+            terminalreporter.write_line(line)
+        for path in self.session.summary.snapshots_written:
+            terminalreporter.write_line(f"snapshot written: {path}")
+
+
+def _whole_suites(session: pytest.Session, items: list[FactItem]) -> set[Path]:
+    selected: dict[Path, int] = {}
+    for item in items:
+        selected[Path(item.fact.path)] = selected.get(Path(item.fact.path), 0) + 1
+    totals = session.config.stash.get(fact_counts_key, {})
+    return {path for path, count in selected.items() if totals.get(path) == count}
+
+
+class SuiteFile(pytest.File):
+    """A fact suite file; each fact becomes one test item."""
+
+    def collect(self) -> Any:
+        suite = load_suite(self.path)
+        self.config.stash.setdefault(fact_counts_key, {})[Path(self.path)] = len(suite.facts)
+        for fact in suite.facts:
+            item = FactItem.from_parent(self, name=fact.id, fact=fact)
+            item.add_marker("kinject")
+            for tag in fact.tags:
+                self.config.addinivalue_line("markers", f"{tag}: facts tagged {tag} in kinject suites")
+                item.add_marker(tag)
+            yield item
+
+    def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> Any:
+        if isinstance(excinfo.value, SuiteError):
+            return str(excinfo.value)
+        return super().repr_failure(excinfo)
+
+
+class FactRegressed(Exception):
+    """Raised by a fact item whose candidate regressed; carries the report text."""
+
+
+class FactItem(pytest.Item):
+    """One fact: passes when retained or gained, fails when regressed, skips when unknown."""
+
+    def __init__(self, *, fact: Fact, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.fact = fact
+
+    def runtest(self) -> None:
+        from .report import failure_report, skip_reason
+        from .verdict import REGRESSED, UNKNOWN
+
+        outcome = self.stash.get(outcome_key, None)
+        if outcome is None:
+            raise FactRegressed(f"fact {self.fact.id} ({self.fact.location}) was not scored; this is a kinject bug")
+        if outcome.error is not None:
+            raise FactRegressed(outcome.error)
+
+        verdict = outcome.verdict
+        self.user_properties.append(("kinject_verdict", verdict.status))
+        if verdict.kl is not None:
+            self.user_properties.append(("kinject_kl_nats", f"{verdict.kl:.6f}"))
+        if verdict.logprob_drop is not None:
+            self.user_properties.append(("kinject_logprob_drop_nats", f"{verdict.logprob_drop:.6f}"))
+        if verdict.status == REGRESSED:
+            plugin = self.config.pluginmanager.get_plugin("kinject-session")
+            raise FactRegressed(failure_report(outcome, plugin.options))
+        if verdict.status == UNKNOWN:
+            # Reported at the fact's line in the suite file rather than at this line of the plugin.
+            raise pytest.skip.Exception(skip_reason(verdict), _use_item_location=True)
+
+    def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> Any:
+        if isinstance(excinfo.value, FactRegressed):
+            return str(excinfo.value)
+        return super().repr_failure(excinfo)
+
+    def reportinfo(self) -> tuple[Path, int | None, str]:
+        line = self.fact.line - 1 if self.fact.line else None
+        return self.path, line, f"fact {self.fact.id}"

@@ -1,0 +1,81 @@
+"""Text for people: a failing fact's report and the end-of-run summary."""
+
+from __future__ import annotations
+
+import statistics
+from typing import Iterable
+
+from .session import Options, Outcome
+from .verdict import REGRESSED, RETAINED, STATUSES, Verdict, count_statuses
+
+_CHECK_NAMES = {
+    "generation": "greedy completion no longer matches",
+    "choice": "expected answer no longer beats the choices",
+    "kl": "next-token distribution moved",
+    "logprob_drop": "expected answer became less likely",
+}
+
+
+def _nats(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def failure_report(outcome: Outcome, options: Options) -> str:
+    """Return the multi-line report of a regressed fact, as shown under its test item."""
+    fact, verdict = outcome.fact, outcome.verdict
+    assert verdict is not None
+    tolerance = verdict.tolerance
+    reasons = "; ".join(_CHECK_NAMES[name] for name in verdict.failed_checks)
+    lines = [
+        f"fact {fact.id} ({fact.location}) regressed: {reasons}",
+        f"  prompt:     {fact.prompt!r}",
+        f"  expected:   {' | '.join(fact.expect)}  (match: {fact.match})",
+        f"  base:       {verdict.base_completion!r}  log p(expected) = {_nats(verdict.base_logprob)} nats",
+        f"  candidate:  {verdict.candidate_completion!r}  log p(expected) = {_nats(verdict.candidate_logprob)} nats",
+        f"  checks:     base {_checks(verdict.base_checks)}; candidate {_checks(verdict.candidate_checks)}",
+        f"  logprob drop: {_nats(verdict.logprob_drop)} nats (tolerance {_nats(tolerance.logprob_drop)})",
+        f"  KL(base || candidate): {_nats(verdict.kl)} nats over the base's top-k (tolerance {_nats(tolerance.kl)})",
+        f"  candidate: {options.candidate_label}",
+        "  if the change is intended, re-record the base snapshot with --kinject-update",
+    ]
+    return "\n".join(lines)
+
+
+def _checks(checks: dict[str, bool]) -> str:
+    return ", ".join(f"{name} {'passed' if passed else 'failed'}" for name, passed in checks.items())
+
+
+def skip_reason(verdict: Verdict) -> str:
+    return (f"unknown: neither the base nor the candidate knows it "
+            f"(base said {verdict.base_completion!r}, candidate said {verdict.candidate_completion!r})")
+
+
+def summary_lines(outcomes: Iterable[Outcome], *, worst: int = 5) -> list[str]:
+    """Return the end-of-run summary: counts, retention of known facts, KL, worst regressions."""
+    outcomes = list(outcomes)
+    verdicts = [outcome.verdict for outcome in outcomes if outcome.verdict is not None]
+    errors = [outcome for outcome in outcomes if outcome.error is not None]
+    counts = count_statuses(verdicts)
+
+    lines = [", ".join(f"{counts[status]} {status}" for status in STATUSES)
+             + (f", {len(errors)} without a usable snapshot entry" if errors else "")]
+    known = counts[RETAINED] + counts[REGRESSED]
+    if known:
+        lines.append(f"retention of facts the base knows: {counts[RETAINED]}/{known} = {counts[RETAINED] / known:.1%}")
+    kls = [verdict.kl for verdict in verdicts if verdict.kl is not None and verdict.status in (RETAINED, REGRESSED)]
+    if kls:
+        lines.append(f"KL(base || candidate) on known facts: mean {statistics.fmean(kls):.4f}, max {max(kls):.4f} nats")
+
+    regressed = [outcome for outcome in outcomes if outcome.verdict is not None and outcome.verdict.status == REGRESSED]
+    regressed.sort(key=lambda outcome: -(outcome.verdict.logprob_drop or 0.0))  # type: ignore[union-attr]
+    if regressed:
+        lines.append("worst regressions (largest drop in log p(expected) first):")
+    for outcome in regressed[:worst]:
+        verdict = outcome.verdict
+        assert verdict is not None
+        lines.append(
+            f"  {outcome.fact.id}: {outcome.fact.prompt!r} expected {outcome.fact.expect[0]!r}, "
+            f"base {verdict.base_completion.strip()!r}, candidate {verdict.candidate_completion.strip()!r}, "
+            f"drop {_nats(verdict.logprob_drop)} nats"
+        )
+    return lines
