@@ -2,15 +2,17 @@
 
 For every query the engine returns the greedy completion, the teacher-forced log-probability of
 each accepted answer and each choice, and the top-k next-token distribution after the prompt.
-Results do not depend on which other queries share a batch: teacher-forced passes are
-right-padded (real tokens keep positions 0..n-1 and never attend to padding), generation is
-left-padded with position ids counted from each row's first real token, and each completion is cut
-to its own length budget, so a fact's numbers are the same alone or in any batch up to float
-rounding (checked to 1e-4 nats in fp32 by the test suite).
+Results do not depend on which other queries share a batch: prompts are left-padded with position
+ids counted from each row's first real token, padding is masked out of attention, continuations
+are right-padded after their prompt, and each completion is cut to its own length budget. A fact's
+numbers are therefore the same alone or in any batch up to float rounding (the test suite checks
+1e-4 nats in fp32).
 """
 
 from __future__ import annotations
 
+import copy
+import inspect
 import logging
 import math
 from dataclasses import asdict, dataclass
@@ -72,73 +74,58 @@ class FactResult:
 
 
 @dataclass
-class _Sequence:
-    """One teacher-forced row: a prompt followed by one continuation."""
+class _Encoded:
+    """A query's prompt tokens and the tokens of each answer and choice, in that order."""
 
-    query_index: int
-    slot: int  # index into answers + choices
     prompt_ids: list[int]
-    continuation_ids: list[int]
-
-    @property
-    def ids(self) -> list[int]:
-        return self.prompt_ids + self.continuation_ids
+    continuations: list[list[int]]
+    budget: int  # new tokens to generate greedily
 
 
 class Scorer:
-    """Score queries with one model and tokenizer; holds no state between calls."""
+    """Score queries with one model and tokenizer; holds no state between calls.
+
+    Each batch of queries costs one pass over the prompts (which also gives the next-token
+    distribution and the first greedy token), one pass over all answers and choices on top of the
+    prompts' key/value cache, and one step per generated token. The prompt is never encoded twice.
+    """
 
     def __init__(self, model: Any, tokenizer: Any, settings: ScoringSettings = ScoringSettings()) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.settings = settings
         self.pad_id = _pad_token_id(tokenizer)
+        eos = tokenizer.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
+        self.cache_keyword = _cache_keyword(model)
 
     def score(self, queries: Sequence[Query]) -> dict[str, FactResult]:
         """Score every query; the result maps each query's key to its FactResult."""
         import torch
 
         encoded = [self._encode(query) for query in queries]
+        # Longest prompts first, so each batch holds prompts of similar length and little padding.
+        order = sorted(range(len(queries)), key=lambda index: len(encoded[index].prompt_ids), reverse=True)
+        results: dict[str, FactResult] = {}
         with torch.inference_mode():
-            logprobs, distributions = self._teacher_forced(queries, encoded)
-            completions = self._greedy(queries, encoded)
-
-        results = {}
-        for index, query in enumerate(queries):
-            sequences = encoded[index]
-            counts = [len(sequence.continuation_ids) for sequence in sequences]
-            n_answers = len(query.answers)
-            top_ids, top_logprobs, probe_logprobs = distributions[index]
-            completion_ids = completions[index]
-            results[query.key] = FactResult(
-                completion=self.tokenizer.decode(completion_ids, skip_special_tokens=True),
-                completion_token_ids=tuple(completion_ids),
-                answer_logprobs=tuple(logprobs[index][:n_answers]),
-                answer_token_counts=tuple(counts[:n_answers]),
-                choice_logprobs=tuple(logprobs[index][n_answers:]),
-                choice_token_counts=tuple(counts[n_answers:]),
-                top_token_ids=tuple(top_ids),
-                top_tokens=tuple(self.tokenizer.decode([token]) for token in top_ids),
-                top_logprobs=tuple(top_logprobs),
-                probe_logprobs=tuple(probe_logprobs),
-            )
+            for batch in _batches(order, self.settings.batch_size):
+                for index, result in zip(batch, self._score_batch([queries[i] for i in batch], [encoded[i] for i in batch])):
+                    results[queries[index].key] = result
         return results
 
-    def _encode(self, query: Query) -> list[_Sequence]:
+    def _encode(self, query: Query) -> _Encoded:
         prompt, separator = split_prompt(query.prompt)
         prompt_ids = self.tokenizer(prompt)["input_ids"]
         if not prompt_ids:
             raise ValueError(f"prompt of {query.key!r} encodes to no tokens")
 
-        sequences = []
-        for slot, text in enumerate(query.answers + query.choices):
-            continuation = separator + text.lstrip()
-            sequences.append(_Sequence(-1, slot, list(prompt_ids), self._continuation_ids(prompt, prompt_ids, continuation)))
-        if not sequences:
-            # No literal continuation (a regex fact): one row of the prompt alone still gives the
-            # next-token distribution.
-            sequences.append(_Sequence(-1, -1, list(prompt_ids), []))
-        return sequences
+        continuations = [self._continuation_ids(prompt, prompt_ids, separator + text.lstrip())
+                         for text in query.answers + query.choices]
+        if query.answers:
+            budget = max(len(ids) for ids in continuations[: len(query.answers)]) + self.settings.extra_new_tokens
+        else:
+            budget = self.settings.free_new_tokens
+        return _Encoded(list(prompt_ids), continuations, budget)
 
     def _continuation_ids(self, prompt: str, prompt_ids: list[int], continuation: str) -> list[int]:
         # Encoding prompt and continuation together gives the tokens the model would see in running
@@ -149,95 +136,111 @@ class Scorer:
             return joint[len(prompt_ids):]
         return self.tokenizer(continuation, add_special_tokens=False)["input_ids"]
 
-    def _teacher_forced(self, queries: Sequence[Query], encoded: list[list[_Sequence]]) -> tuple[list[list[float]], list[Any]]:
+    def _score_batch(self, queries: list[Query], encoded: list[_Encoded]) -> list[FactResult]:
         import torch
 
-        rows = []
-        for query_index, sequences in enumerate(encoded):
-            for sequence in sequences:
-                sequence.query_index = query_index
-                rows.append(sequence)
+        next_logprobs, cache, mask, positions = self._prefill([item.prompt_ids for item in encoded])
+        continuation_logprobs = self._continuations(encoded, next_logprobs, copy.deepcopy(cache), mask, positions)
+        completions = self._greedy(encoded, next_logprobs, cache, mask, positions)
 
-        logprobs: list[list[float]] = [[0.0] * len(query.answers + query.choices) for query in queries]
-        distributions: list[Any] = [None] * len(queries)
-        # Longest first so each batch holds rows of similar length and little padding.
-        rows.sort(key=lambda sequence: len(sequence.ids), reverse=True)
-        for batch in _batches(rows, self.settings.batch_size):
-            input_ids, attention_mask = self._right_padded(batch)
-            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+        results = []
+        for row, (query, item) in enumerate(zip(queries, encoded)):
+            top = next_logprobs[row].topk(self.settings.top_k)
+            probes = torch.tensor(query.probe_token_ids, dtype=torch.long, device=next_logprobs.device)
+            top_ids = top.indices.tolist()
+            counts = [len(ids) for ids in item.continuations]
+            n_answers = len(query.answers)
+            results.append(FactResult(
+                completion=self.tokenizer.decode(completions[row], skip_special_tokens=True),
+                completion_token_ids=tuple(completions[row]),
+                answer_logprobs=tuple(continuation_logprobs[row][:n_answers]),
+                answer_token_counts=tuple(counts[:n_answers]),
+                choice_logprobs=tuple(continuation_logprobs[row][n_answers:]),
+                choice_token_counts=tuple(counts[n_answers:]),
+                top_token_ids=tuple(top_ids),
+                top_tokens=tuple(self.tokenizer.decode([token]) for token in top_ids),
+                top_logprobs=tuple(top.values.tolist()),
+                probe_logprobs=tuple(next_logprobs[row].index_select(0, probes).tolist()),
+            ))
+        return results
 
-            for row, sequence in enumerate(batch):
-                start = len(sequence.prompt_ids) - 1
-                stop = start + max(1, len(sequence.continuation_ids))
-                # log_softmax in fp32 even when the model runs in bf16/fp16: the difference of two
-                # log-probabilities is what the checks compare, and half precision rounds it.
-                step_logprobs = torch.log_softmax(logits[row, start:stop].float(), dim=-1)
-                targets = torch.tensor(sequence.continuation_ids, device=step_logprobs.device)
-                if sequence.slot >= 0:
-                    total = step_logprobs[: len(targets)].gather(1, targets[:, None]).sum().item()
-                    logprobs[sequence.query_index][sequence.slot] = total
-
-                if distributions[sequence.query_index] is None:
-                    query = queries[sequence.query_index]
-                    distributions[sequence.query_index] = self._distribution(step_logprobs[0], query.probe_token_ids)
-        return logprobs, distributions
-
-    def _distribution(self, next_logprobs: Any, probe_token_ids: tuple[int, ...]) -> tuple[list[int], list[float], list[float]]:
-        top = next_logprobs.topk(self.settings.top_k)
-        probe = [next_logprobs[token].item() for token in probe_token_ids]
-        return top.indices.tolist(), top.values.tolist(), probe
-
-    def _right_padded(self, batch: list[_Sequence]) -> tuple[Any, Any]:
+    def _prefill(self, prompts: list[list[int]]) -> tuple[Any, Any, Any, Any]:
+        """Run the left-padded prompts once; return next-token log-probs, cache, mask and next positions."""
         import torch
-
-        width = max(len(sequence.ids) for sequence in batch)
-        input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, sequence in enumerate(batch):
-            ids = sequence.ids
-            input_ids[row, : len(ids)] = torch.tensor(ids)
-            attention_mask[row, : len(ids)] = 1
-        device = _model_device(self.model)
-        return input_ids.to(device), attention_mask.to(device)
-
-    def _greedy(self, queries: Sequence[Query], encoded: list[list[_Sequence]]) -> list[list[int]]:
-        budgets = [
-            max(len(sequence.continuation_ids) for sequence in encoded[index][: len(query.answers)])
-            + self.settings.extra_new_tokens
-            if query.answers
-            else self.settings.free_new_tokens
-            for index, query in enumerate(queries)
-        ]
-        order = sorted(range(len(queries)), key=lambda index: len(encoded[index][0].prompt_ids), reverse=True)
-        completions: list[list[int]] = [[] for _ in queries]
-        for batch in _batches(order, self.settings.batch_size):
-            prompts = [encoded[index][0].prompt_ids for index in batch]
-            generated = self._generate(prompts, max(budgets[index] for index in batch))
-            for index, tokens in zip(batch, generated):
-                completions[index] = tokens[: budgets[index]]
-        return completions
-
-    def _generate(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-        import torch
-        from transformers import GenerationConfig
 
         width = max(len(ids) for ids in prompts)
         input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
         for row, ids in enumerate(prompts):
             input_ids[row, width - len(ids):] = torch.tensor(ids)
-            attention_mask[row, width - len(ids):] = 1
+            mask[row, width - len(ids):] = 1
+        # Positions count from each row's first real token, so left padding does not shift them.
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
 
-        # A fresh config, so sampling settings or a repetition penalty in the checkpoint's
-        # generation_config.json cannot change what "greedy" means between two models.
-        eos = self.tokenizer.eos_token_id
-        config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, num_beams=1,
-                                  pad_token_id=self.pad_id, eos_token_id=eos)
         device = _model_device(self.model)
-        output = self.model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                                     generation_config=config)
-        new_tokens = output[:, width:].tolist()
-        return [_until_eos(tokens, eos) for tokens in new_tokens]
+        output = self.model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                            position_ids=position_ids.to(device), use_cache=True, logits_to_keep=1)
+        cache = getattr(output, "cache", None) or output.past_key_values
+        # log_softmax in fp32 even when the model runs in bf16/fp16: the checks compare differences
+        # of log-probabilities, which half precision rounds.
+        next_logprobs = torch.log_softmax(output.logits[:, -1].float(), dim=-1)
+        next_positions = torch.tensor([len(ids) for ids in prompts], device=device)
+        return next_logprobs, cache, mask.to(device), next_positions
+
+    def _continuations(self, encoded: list[_Encoded], next_logprobs: Any, cache: Any, mask: Any,
+                       positions: Any) -> list[list[float]]:
+        """Return the total log-probability of every answer and choice, given its prompt."""
+        import torch
+
+        # The first token of each continuation is scored from the prompt pass; the others need a
+        # pass over the continuation minus its last token, on top of the prompt's cache.
+        totals = [[next_logprobs[row, ids[0]].item() for ids in item.continuations] for row, item in enumerate(encoded)]
+        rows = [(row, slot, ids) for row, item in enumerate(encoded) for slot, ids in enumerate(item.continuations)
+                if len(ids) > 1]
+        if not rows:
+            return totals
+
+        device = mask.device
+        width = max(len(ids) - 1 for _, _, ids in rows)
+        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        continuation_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for index, (_, _, ids) in enumerate(rows):
+            input_ids[index, : len(ids) - 1] = torch.tensor(ids[:-1])
+            continuation_mask[index, : len(ids) - 1] = 1
+        prompt_rows = torch.tensor([row for row, _, _ in rows], device=device)
+        cache.reorder_cache(prompt_rows)
+        attention_mask = torch.cat([mask.index_select(0, prompt_rows), continuation_mask.to(device)], dim=1)
+        position_ids = positions.index_select(0, prompt_rows)[:, None] + torch.arange(width, device=device)
+
+        logits = self.model(input_ids=input_ids.to(device), attention_mask=attention_mask, position_ids=position_ids,
+                            use_cache=True, **{self.cache_keyword: cache}).logits
+        for index, (row, slot, ids) in enumerate(rows):
+            steps = torch.log_softmax(logits[index, : len(ids) - 1].float(), dim=-1)
+            targets = torch.tensor(ids[1:], device=device)
+            totals[row][slot] += steps.gather(1, targets[:, None]).sum().item()
+        return totals
+
+    def _greedy(self, encoded: list[_Encoded], next_logprobs: Any, cache: Any, mask: Any, positions: Any) -> list[list[int]]:
+        """Decode greedily from the prompt cache; each row stops at EOS or its own budget."""
+        import torch
+
+        budgets = [item.budget for item in encoded]
+        tokens = next_logprobs.argmax(-1)
+        generated = [[token] for token in tokens.tolist()]
+        for _ in range(max(budgets) - 1):
+            if all(self._finished(ids, budget) for ids, budget in zip(generated, budgets)):
+                break
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            output = self.model(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions[:, None],
+                                use_cache=True, **{self.cache_keyword: cache})
+            positions = positions + 1
+            tokens = output.logits[:, -1].float().argmax(-1)
+            for ids, token in zip(generated, tokens.tolist()):
+                ids.append(token)
+        return [_until_eos(ids[:budget], self.eos_ids) for ids, budget in zip(generated, budgets)]
+
+    def _finished(self, ids: list[int], budget: int) -> bool:
+        return len(ids) >= budget or any(token in self.eos_ids for token in ids)
 
 
 def split_prompt(prompt: str) -> tuple[str, str]:
@@ -272,10 +275,9 @@ def kl_divergence(base_logprobs: Iterable[float], candidate_logprobs: Iterable[f
     return max(0.0, total)
 
 
-def _until_eos(tokens: list[int], eos: int | list[int] | None) -> list[int]:
-    stops = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
+def _until_eos(tokens: list[int], eos_ids: set[int]) -> list[int]:
     for position, token in enumerate(tokens):
-        if token in stops:
+        if token in eos_ids:
             return tokens[:position]
     return tokens
 
@@ -285,6 +287,14 @@ def _pad_token_id(tokenizer: Any) -> int:
         if candidate is not None:
             return candidate[0] if isinstance(candidate, list) else candidate
     return 0
+
+
+def _cache_keyword(model: Any) -> str:
+    """Return the forward() keyword for a key/value cache: ``cache`` from transformers 5.2x on,
+    ``past_key_values`` before (and still accepted, with a deprecation warning, until 5.40)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    parameters = inspect.signature(inner.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
 
 
 def _model_device(model: Any) -> Any:

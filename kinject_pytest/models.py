@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import warnings
 import zipfile
 from collections import Counter
 from dataclasses import dataclass, field
@@ -377,10 +378,13 @@ def attach_adapters(base: LoadedModel, adapter_dirs: list[str]) -> LoadedModel:
         _check_adapter_base(adapter_dir, config, base)
         name = f"adapter_{index}"
         try:
-            if index == 0:
-                model = PeftModel.from_pretrained(model, adapter_dir, adapter_name=name)
-            else:
-                model.load_adapter(adapter_dir, adapter_name=name)
+            with warnings.catch_warnings():
+                # peft 0.21 calls a transformers API that 5.x marks deprecated; not the user's concern.
+                warnings.simplefilter("ignore", FutureWarning)
+                if index == 0:
+                    model = PeftModel.from_pretrained(model, adapter_dir, adapter_name=name)
+                else:
+                    model.load_adapter(adapter_dir, adapter_name=name)
         except (RuntimeError, ValueError, KeyError) as error:
             first_line = str(error).strip().splitlines()[0]
             raise ModelError(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import statistics
 from typing import Iterable
 
-from .session import Options, Outcome
+from .session import Options, Outcome, display_path
 from .verdict import REGRESSED, RETAINED, STATUSES, Verdict, count_statuses
 
 _CHECK_NAMES = {
@@ -27,7 +27,7 @@ def failure_report(outcome: Outcome, options: Options) -> str:
     tolerance = verdict.tolerance
     reasons = "; ".join(_CHECK_NAMES[name] for name in verdict.failed_checks)
     lines = [
-        f"fact {fact.id} ({fact.location}) regressed: {reasons}",
+        f"fact {fact.id} ({display_path(fact.path)}:{fact.line}) regressed: {reasons}",
         f"  prompt:     {fact.prompt!r}",
         f"  expected:   {' | '.join(fact.expect)}  (match: {fact.match})",
         f"  base:       {verdict.base_completion!r}  log p(expected) = {_nats(verdict.base_logprob)} nats",
