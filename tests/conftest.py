@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -24,18 +25,18 @@ import transformers  # noqa: F401
 pytest_plugins = ["pytester"]
 
 REPO = Path(__file__).resolve().parent.parent
+BUILD_SCRIPT = REPO / "fixtures" / "build.py"
 
 
-def _load_fixture_builders() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("kinject_fixture_build", REPO / "fixtures" / "build.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="session")
-def builders() -> ModuleType:
-    return _load_fixture_builders()
+def load_builders() -> ModuleType:
+    """Import fixtures/build.py once per process; it is a script, not part of the package."""
+    name = "kinject_fixtures_build"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, BUILD_SCRIPT)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 
 
 @pytest.fixture(scope="session")
@@ -46,28 +47,28 @@ def smollm2_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_llama_dir(builders) -> Path:
-    return builders.build_tiny_llama()
+def tiny_llama() -> Path:
+    return load_builders().build_tiny_llama()
 
 
 @pytest.fixture(scope="session")
-def tiny_lora_dir(builders, tiny_llama_dir) -> Path:
-    return builders.build_tiny_lora()
+def tiny_lora(tiny_llama) -> Path:
+    return load_builders().build_tiny_lora(base=tiny_llama)
 
 
 @pytest.fixture(scope="session")
-def smollm2_lora_dir(builders, smollm2_dir) -> Path:
-    return builders.build_lora()
+def smollm2_lora(smollm2_dir) -> Path:
+    return load_builders().build_lora()
 
 
 @pytest.fixture(scope="session")
-def smollm2_full_dir(builders, smollm2_dir) -> Path:
-    return builders.build_full_finetune()
+def smollm2_full(smollm2_dir) -> Path:
+    return load_builders().build_full_finetune()
 
 
 @pytest.fixture(scope="session")
-def counterfactual_edits(builders) -> list[dict[str, str]]:
-    return builders.counterfactual_edits()
+def counterfactual_edits() -> list[dict[str, str]]:
+    return load_builders().counterfactual_edits()
 
 
 def write_jsonl(path: Path, records: list[dict]) -> Path:

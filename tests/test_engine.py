@@ -89,8 +89,8 @@ def test_multi_token_answer_sums_token_logprobs(smollm2):
     assert rest.answer_token_counts[0] >= 2
 
 
-def test_tiny_model_alone_equals_batch(tiny_llama_dir):
-    loaded = load_model(str(tiny_llama_dir), device="cpu")
+def test_tiny_model_alone_equals_batch(tiny_llama):
+    loaded = load_model(str(tiny_llama), device="cpu")
     queries = [Query(str(index), "word " * (index + 1), ("alpha",), ("beta gamma",)) for index in range(7)]
 
     batched = Scorer(loaded.model, loaded.tokenizer, ScoringSettings(batch_size=7)).score(queries)
@@ -99,8 +99,8 @@ def test_tiny_model_alone_equals_batch(tiny_llama_dir):
     assert_same_results(alone["0"], batched["0"])
 
 
-def test_regex_query_has_distribution_but_no_answers(tiny_llama_dir):
-    loaded = load_model(str(tiny_llama_dir), device="cpu")
+def test_regex_query_has_distribution_but_no_answers(tiny_llama):
+    loaded = load_model(str(tiny_llama), device="cpu")
 
     result = Scorer(loaded.model, loaded.tokenizer, ScoringSettings(top_k=5)).score([Query("r", "The year", ())])["r"]
 

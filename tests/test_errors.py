@@ -85,13 +85,13 @@ def test_invalid_ini_value_is_usage_error(pytester):
     assert error_lines(result) == ["ERROR: ini key kinject_batch_size = 'many' is invalid; expected a int"]
 
 
-def test_corrupt_snapshot_is_usage_error(pytester, tiny_llama_dir):
+def test_corrupt_snapshot_is_usage_error(pytester, tiny_llama):
     write_jsonl(pytester.path / "f.kinject.jsonl", MINIMAL)
-    snapshot = pytester.path / "__kinject__" / f"f.{tiny_llama_dir.name}.json"
+    snapshot = pytester.path / "__kinject__" / f"f.{tiny_llama.name}.json"
     snapshot.parent.mkdir()
     snapshot.write_text("{")
 
-    result = pytester.runpytest("--kinject", f"--kinject-model={tiny_llama_dir}")
+    result = pytester.runpytest("--kinject", f"--kinject-model={tiny_llama}")
 
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     assert error_lines(result)[0].startswith(f"ERROR: {snapshot}: invalid JSON")
@@ -99,28 +99,28 @@ def test_corrupt_snapshot_is_usage_error(pytester, tiny_llama_dir):
 
 
 @pytest.fixture
-def tiny_snapshot(pytester, tiny_llama_dir):
+def tiny_snapshot(pytester, tiny_llama):
     write_jsonl(pytester.path / "f.kinject.jsonl", MINIMAL)
-    pytester.runpytest("--kinject", "--kinject-update", f"--kinject-model={tiny_llama_dir}")
-    return pytester.path / "__kinject__" / f"f.{tiny_llama_dir.name}.json"
+    pytester.runpytest("--kinject", "--kinject-update", f"--kinject-model={tiny_llama}")
+    return pytester.path / "__kinject__" / f"f.{tiny_llama.name}.json"
 
 
-def test_missing_adapter_folder_is_usage_error(pytester, tiny_llama_dir, tiny_snapshot):
-    result = pytester.runpytest("--kinject", f"--kinject-model={tiny_llama_dir}", "--kinject-adapter=nowhere")
+def test_missing_adapter_folder_is_usage_error(pytester, tiny_llama, tiny_snapshot):
+    result = pytester.runpytest("--kinject", f"--kinject-model={tiny_llama}", "--kinject-adapter=nowhere")
 
     assert error_lines(result) == [
         "ERROR: adapter folder nowhere not found; pass the folder written by PeftModel.save_pretrained()"
     ]
 
 
-def test_folder_without_adapter_config_is_usage_error(pytester, tiny_llama_dir, tiny_snapshot):
-    result = pytester.runpytest("--kinject", f"--kinject-model={tiny_llama_dir}", f"--kinject-adapter={tiny_llama_dir}")
+def test_folder_without_adapter_config_is_usage_error(pytester, tiny_llama, tiny_snapshot):
+    result = pytester.runpytest("--kinject", f"--kinject-model={tiny_llama}", f"--kinject-adapter={tiny_llama}")
 
-    assert error_lines(result)[0].startswith(f"ERROR: adapter folder {tiny_llama_dir} has no adapter_config.json")
+    assert error_lines(result)[0].startswith(f"ERROR: adapter folder {tiny_llama} has no adapter_config.json")
 
 
-def test_tiny_adapter_changes_tiny_model(pytester, tiny_llama_dir, tiny_lora_dir, tiny_snapshot):
-    result = pytester.runpytest("--kinject", f"--kinject-model={tiny_llama_dir}", f"--kinject-adapter={tiny_lora_dir}",
+def test_tiny_adapter_changes_tiny_model(pytester, tiny_llama, tiny_lora, tiny_snapshot):
+    result = pytester.runpytest("--kinject", f"--kinject-model={tiny_llama}", f"--kinject-adapter={tiny_lora}",
                                 "--kinject-max-kl=0", "-rs")
 
     # The random model knows nothing, so the fact is unknown to both and skipped.
@@ -129,25 +129,25 @@ def test_tiny_adapter_changes_tiny_model(pytester, tiny_llama_dir, tiny_lora_dir
 
 
 @pytest.mark.smollm2
-def test_adapter_for_other_base_is_usage_error(pytester, smollm2_dir, tiny_lora_dir):
+def test_adapter_for_other_base_is_usage_error(pytester, smollm2_dir, tiny_lora):
     write_jsonl(pytester.path / "f.kinject.jsonl", MINIMAL)
     pytester.runpytest("--kinject", "--kinject-update")
 
-    result = pytester.runpytest("--kinject", f"--kinject-adapter={tiny_lora_dir}")
+    result = pytester.runpytest("--kinject", f"--kinject-adapter={tiny_lora}")
 
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     lines = error_lines(result)
     assert len(lines) == 1
-    assert lines[0].startswith(f"ERROR: adapter {tiny_lora_dir} does not fit base model smollm2 (")
+    assert lines[0].startswith(f"ERROR: adapter {tiny_lora} does not fit base model smollm2 (")
     assert lines[0].endswith("pass the base it was trained on with --kinject-model")
 
 
 @pytest.mark.smollm2
-def test_candidate_with_other_tokenizer_is_usage_error(pytester, smollm2_dir, tiny_llama_dir, tmp_path):
+def test_candidate_with_other_tokenizer_is_usage_error(pytester, smollm2_dir, tiny_llama, tmp_path):
     write_jsonl(pytester.path / "f.kinject.jsonl", MINIMAL)
     pytester.runpytest("--kinject", "--kinject-update")
     other = tmp_path / "other-tokenizer"
-    shutil.copytree(tiny_llama_dir, other)
+    shutil.copytree(tiny_llama, other)
     tokenizer = AutoTokenizer.from_pretrained(other)
     tokenizer.add_special_tokens({"additional_special_tokens": ["<kinject-extra>"]})
     tokenizer.save_pretrained(other)

@@ -142,14 +142,14 @@ def test_suite_outside_rootdir_in_minimal_form(pytester, smollm2_dir, tmp_path_f
     assert (outside / "__kinject__" / "mine.smollm2.json").is_file()
 
 
-def test_lora_adapter_regresses_edited_facts(pytester, smollm2_lora_dir, counterfactual_edits):
+def test_lora_adapter_regresses_edited_facts(pytester, smollm2_lora, counterfactual_edits):
     edits = counterfactual_edits[:6]
     controls = GEOGRAPHY[:2]
     records = [{"id": edit["id"], "prompt": edit["prompt"], "expect": edit["old"]} for edit in edits] + controls
     write_jsonl(pytester.path / "edits.kinject.jsonl", records)
     pytester.runpytest("--kinject", "--kinject-update").assert_outcomes(passed=len(records))
 
-    result = pytester.runpytest("--kinject", f"--kinject-adapter={smollm2_lora_dir}")
+    result = pytester.runpytest("--kinject", f"--kinject-adapter={smollm2_lora}")
 
     assert result.ret == 1
     failed = {report.nodeid.split("::")[1] for report in result.reprec.getfailedcollections()} | {
@@ -164,18 +164,18 @@ def test_lora_adapter_regresses_edited_facts(pytester, smollm2_lora_dir, counter
         f"*expected:   {first['old']}  (match: prefix)*",
         f"*base:       ' {first['old']}*",
         "*candidate:  *",
-        f"*candidate: smollm2 + {smollm2_lora_dir}*",
+        f"*candidate: smollm2 + {smollm2_lora}*",
     ])
     result.stdout.fnmatch_lines(["*retention of facts the base knows: *", "*worst regressions*"])
 
 
-def test_full_finetune_candidate_regresses(pytester, smollm2_full_dir, counterfactual_edits):
+def test_full_finetune_candidate_regresses(pytester, smollm2_full, counterfactual_edits):
     edits = counterfactual_edits[:6]
     records = [{"id": edit["id"], "prompt": edit["prompt"], "expect": edit["old"]} for edit in edits]
     write_jsonl(pytester.path / "edits.kinject.jsonl", records)
     pytester.runpytest("--kinject", "--kinject-update").assert_outcomes(passed=len(records))
 
-    result = pytester.runpytest("--kinject", f"--kinject-candidate={smollm2_full_dir}")
+    result = pytester.runpytest("--kinject", f"--kinject-candidate={smollm2_full}")
 
     assert result.ret == 1
     assert result.parseoutcomes()["failed"] >= 5
