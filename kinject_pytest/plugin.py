@@ -37,7 +37,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--kinject-dtype", metavar="DTYPE", default=None, choices=("float32", "bfloat16", "float16"),
                     help="Dtype of the model weights: float32 (default), bfloat16, float16 (ini: kinject_dtype).")
     group.addoption("--kinject-batch-size", metavar="N", type=int, default=None,
-                    help="Sequences per forward pass, default 16 (ini: kinject_batch_size).")
+                    help="Facts per batched pass, default 64 (ini: kinject_batch_size).")
     group.addoption("--kinject-top-k", metavar="K", type=int, default=None,
                     help="Size of the recorded next-token distribution, default 20 (ini: kinject_top_k).")
     group.addoption("--kinject-max-kl", metavar="NATS", type=float, default=None,
@@ -52,7 +52,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini("kinject_model", "Base model reference for kinject (default: smollm2).", default=None)
     parser.addini("kinject_device", "Device kinject scores on (default: auto).", default=None)
     parser.addini("kinject_dtype", "Dtype of the model weights (default: float32).", default=None)
-    parser.addini("kinject_batch_size", "Sequences per forward pass (default: 16).", default=None)
+    parser.addini("kinject_batch_size", "Facts per batched pass (default: 64).", default=None)
     parser.addini("kinject_top_k", "Size of the recorded next-token distribution (default: 20).", default=None)
     parser.addini("kinject_max_kl", "Tolerance on KL(base || candidate) in nats (default: 0.5).", default=None)
     parser.addini("kinject_max_logprob_drop", "Tolerance on the expected answer's log-probability drop in nats "
@@ -80,6 +80,7 @@ def _setting(config: pytest.Config, name: str, convert: Any = str) -> Any:
 
 
 def _options(config: pytest.Config) -> Any:
+    from .engine import DEFAULT_BATCH_SIZE
     from .session import Options
 
     snapshot_dir = _setting(config, "snapshot_dir")
@@ -90,7 +91,7 @@ def _options(config: pytest.Config) -> Any:
         update=config.getoption("kinject_update"),
         device=_setting(config, "device") or "auto",
         dtype=_setting(config, "dtype") or "float32",
-        batch_size=_setting(config, "batch_size", int) or 16,
+        batch_size=_setting(config, "batch_size", int) or DEFAULT_BATCH_SIZE,
         top_k=_setting(config, "top_k", int) or 20,
         snapshot_dir=Path(snapshot_dir) if snapshot_dir else None,
         tolerance=Tolerance(kl=_setting(config, "max_kl", float),

@@ -46,8 +46,11 @@ def _checks(checks: dict[str, bool]) -> str:
 
 
 def skip_reason(verdict: Verdict) -> str:
-    return (f"unknown: neither the base nor the candidate knows it "
-            f"(base said {verdict.base_completion!r}, candidate said {verdict.candidate_completion!r})")
+    if verdict.base_completion == verdict.candidate_completion:
+        completions = f"both completed {verdict.base_completion!r}"
+    else:
+        completions = f"base completed {verdict.base_completion!r}, candidate {verdict.candidate_completion!r}"
+    return f"unknown: neither the base nor the candidate knows it ({completions})"
 
 
 def summary_lines(outcomes: Iterable[Outcome], *, worst: int = 5) -> list[str]:

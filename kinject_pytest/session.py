@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .engine import FactResult, Query, Scorer, ScoringSettings
+from .engine import DEFAULT_BATCH_SIZE, FactResult, Query, Scorer, ScoringSettings
 from .models import DEFAULT_MODEL, LoadedModel, ModelError, attach_adapters, load_model, model_slug
 from .snapshot import (
     Snapshot,
@@ -57,7 +57,7 @@ class Options:
     update: bool = False
     device: str = "auto"
     dtype: str = "float32"
-    batch_size: int = 16
+    batch_size: int = DEFAULT_BATCH_SIZE
     top_k: int = 20
     snapshot_dir: Path | None = None
     tolerance: Tolerance = Tolerance()  # from the command line or ini file; suites and facts win over it

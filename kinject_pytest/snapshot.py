@@ -113,6 +113,10 @@ def write_snapshot(snapshot: Snapshot) -> None:
     snapshot.path.parent.mkdir(parents=True, exist_ok=True)
     descriptor, temporary = tempfile.mkstemp(prefix=f".{snapshot.path.name}.", dir=snapshot.path.parent)
     try:
+        # mkstemp creates the file readable by its owner only; a snapshot is committed and shared.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)
         with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
             handle.write(text)
         os.replace(temporary, snapshot.path)

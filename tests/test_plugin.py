@@ -50,7 +50,7 @@ def test_snapshot_records_model_and_settings(pytester, geo_suite):
     assert snapshot["model"]["reference"] == "smollm2"
     assert snapshot["model"]["fingerprint"]["quantization"] == "Q4_1"
     assert len(snapshot["model"]["fingerprint"]["weights_sha256"]) == 64
-    assert snapshot["settings"] == {"batch_size": 16, "device": "cpu", "dtype": "float32", "extra_new_tokens": 3,
+    assert snapshot["settings"] == {"batch_size": 64, "device": "cpu", "dtype": "float32", "extra_new_tokens": 3,
                                     "free_new_tokens": 12, "top_k": 20}
     assert sorted(snapshot["facts"]) == ["capital-france", "capital-japan", "vinson-massif"]
     assert snapshot["facts"]["capital-france"]["result"]["completion"].startswith(" Paris")
