@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import statistics
+from collections import Counter
 from typing import Iterable
 
 from .session import Options, Outcome, display_path
@@ -70,6 +71,10 @@ def summary_lines(outcomes: Iterable[Outcome], *, worst: int = 5) -> list[str]:
         lines.append(f"KL(base || candidate) on known facts: mean {statistics.fmean(kls):.4f}, max {max(kls):.4f} nats")
 
     regressed = [outcome for outcome in outcomes if outcome.verdict is not None and outcome.verdict.status == REGRESSED]
+    by_check = Counter(name for outcome in regressed for name in outcome.verdict.failed_checks)  # type: ignore[union-attr]
+    if by_check:
+        lines.append("failed checks among regressed facts: "
+                     + ", ".join(f"{name} {by_check[name]}" for name in _CHECK_NAMES if by_check[name]))
     regressed.sort(key=lambda outcome: -(outcome.verdict.logprob_drop or 0.0))  # type: ignore[union-attr]
     if regressed:
         lines.append("worst regressions (largest drop in log p(expected) first):")
