@@ -2,11 +2,11 @@
 
 For every query the engine returns the greedy completion, the teacher-forced log-probability of
 each accepted answer and each choice, and the top-k next-token distribution after the prompt.
-Results do not depend on which other queries share a batch: prompts are left-padded with position
-ids counted from each row's first real token, padding is masked out of attention, continuations
-are right-padded after their prompt, and each completion is cut to its own length budget. A fact's
-numbers are therefore the same alone or in any batch up to float rounding (the test suite checks
-1e-4 nats in fp32).
+Results do not depend on which other queries share a batch. Prompts are left-padded with position
+ids counted from each row's first real token, and padding is masked out of attention.
+Continuations are right-padded after their prompt, and each completion is cut to its own length
+budget. A fact's numbers are therefore the same alone or in any batch up to float rounding (the
+test suite checks 1e-4 nats in fp32).
 """
 
 from __future__ import annotations
@@ -49,14 +49,14 @@ class Query:
     prompt: str
     answers: tuple[str, ...]
     choices: tuple[str, ...] = ()
-    # Token ids whose log-probabilities after the prompt are also returned; the candidate is asked
-    # for the base's top-k tokens so the two distributions can be compared on the same support.
+    # Token ids whose log-probabilities after the prompt are also returned. The candidate is
+    # probed at the base's top-k tokens, so the two distributions share one support.
     probe_token_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
 class FactResult:
-    """What one model did with one query. Log-probabilities are natural logs (nats)."""
+    """One model's scores for one query. Log-probabilities are natural logs (nats)."""
 
     completion: str
     completion_token_ids: tuple[int, ...]
@@ -88,7 +88,7 @@ class _Encoded:
 
 
 class Scorer:
-    """Score queries with one model and tokenizer; holds no state between calls.
+    """Scorer of queries with one model and tokenizer, keeping no state between calls.
 
     Each batch of queries costs one pass over the prompts (which also gives the next-token
     distribution and the first greedy token), one pass over all answers and choices on top of the
@@ -101,7 +101,10 @@ class Scorer:
         self.settings = settings
         self.pad_id = _pad_token_id(tokenizer)
         eos = tokenizer.eos_token_id
-        self.eos_ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
+        if eos is None:
+            self.eos_ids: set[int] = set()
+        else:
+            self.eos_ids = set(eos) if isinstance(eos, list) else {eos}
         self.cache_keyword = _cache_keyword(model)
 
     def score(self, queries: Sequence[Query]) -> dict[str, FactResult]:
@@ -109,7 +112,7 @@ class Scorer:
         import torch
 
         encoded = [self._encode(query) for query in queries]
-        # Longest prompts first, so each batch holds prompts of similar length and little padding.
+        # Longest prompts first, so each batch gets prompts of similar length and little padding.
         order = sorted(range(len(queries)), key=lambda index: len(encoded[index].prompt_ids), reverse=True)
         results: dict[str, FactResult] = {}
         with torch.inference_mode():
@@ -197,7 +200,7 @@ class Scorer:
         """Return the total log-probability of every answer and choice, given its prompt."""
         import torch
 
-        # The first token of each continuation is scored from the prompt pass; the others need a
+        # The first token of each continuation is scored from the prompt pass. The others need a
         # pass over the continuation minus its last token, on top of the prompt's cache.
         totals = [[next_logprobs[row, ids[0]].item() for ids in item.continuations] for row, item in enumerate(encoded)]
         rows = [(row, slot, ids) for row, item in enumerate(encoded) for slot, ids in enumerate(item.continuations)
@@ -252,7 +255,7 @@ def split_prompt(prompt: str) -> tuple[str, str]:
     """Return the prompt to encode and the separator that goes before an answer.
 
     A trailing space moves from the prompt into the answer (" Paris"), because BPE vocabularies
-    attach a space to the word after it; a prompt ending in a newline takes the answer directly.
+    attach a space to the word after it. A prompt ending in a newline takes the answer directly.
     """
     stripped = prompt.rstrip(" ")
     if stripped and stripped[-1] in "\n\t":
@@ -265,7 +268,7 @@ def kl_divergence(base_logprobs: Iterable[float], candidate_logprobs: Iterable[f
 
     Both lists hold log-probabilities of the same tokens (the base's top-k). Merging all other
     tokens into one bucket gives a lower bound of the full-vocabulary KL, which is exact when the
-    top-k holds all of the base's probability mass.
+    top-k contains all of the base's probability mass.
     """
     base = [math.exp(value) for value in base_logprobs]
     candidate = [math.exp(value) for value in candidate_logprobs]

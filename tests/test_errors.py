@@ -123,7 +123,7 @@ def test_tiny_adapter_changes_tiny_model(pytester, tiny_llama, tiny_lora, tiny_s
     result = pytester.runpytest("--kinject", f"--kinject-model={tiny_llama}", f"--kinject-adapter={tiny_lora}",
                                 "--kinject-max-kl=0", "-rs")
 
-    # The random model knows nothing, so the fact is unknown to both and skipped.
+    # The random model completes no fact correctly, so the fact is unknown to both and skipped.
     result.assert_outcomes(skipped=1)
     assert json.loads(tiny_snapshot.read_text())["model"]["fingerprint"]["source_format"] == "safetensors"
 

@@ -1,0 +1,109 @@
+"""Options and ini keys, on the tiny random model so each run takes a second or two."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import write_jsonl
+
+TWO_FACTS = [
+    {"id": "capital-france", "prompt": "The capital of France is", "expect": "Paris"},
+    {"id": "capital-japan", "prompt": "The capital of Japan is", "expect": "Tokyo"},
+]
+
+
+def test_ini_model_names_the_snapshot(pytester, tiny_llama):
+    write_jsonl(pytester.path / "f.kinject.jsonl", TWO_FACTS)
+    pytester.makeini(f"[pytest]\nkinject_model = {tiny_llama}\n")
+
+    result = pytester.runpytest("--kinject", "--kinject-update")
+
+    result.assert_outcomes(skipped=2)
+    snapshot = json.loads((pytester.path / "__kinject__" / f"f.{tiny_llama.name}.json").read_text())
+    assert snapshot["model"]["reference"] == str(tiny_llama)
+
+
+def test_command_line_wins_over_ini(pytester, tiny_llama):
+    write_jsonl(pytester.path / "f.kinject.jsonl", TWO_FACTS)
+    pytester.makeini("[pytest]\nkinject_model = ./no/such/model\nkinject_top_k = 5\n")
+
+    result = pytester.runpytest("--kinject", "--kinject-update", f"--kinject-model={tiny_llama}")
+
+    result.assert_outcomes(skipped=2)
+    snapshot = json.loads((pytester.path / "__kinject__" / f"f.{tiny_llama.name}.json").read_text())
+    assert snapshot["settings"]["top_k"] == 5
+    assert len(snapshot["facts"]["capital-france"]["result"]["top_logprobs"]) == 5
+
+
+def test_snapshot_dir_option_moves_snapshot(pytester, tiny_llama):
+    write_jsonl(pytester.path / "f.kinject.jsonl", TWO_FACTS)
+
+    pytester.runpytest("--kinject", "--kinject-update", f"--kinject-model={tiny_llama}", "--kinject-snapshot-dir=snaps")
+
+    assert (pytester.path / "snaps" / f"f.{tiny_llama.name}.json").is_file()
+    assert not (pytester.path / "__kinject__").exists()
+
+
+def test_last_failed_reruns_only_missing_entry(pytester, tiny_llama):
+    write_jsonl(pytester.path / "f.kinject.jsonl", TWO_FACTS)
+    model = f"--kinject-model={tiny_llama}"
+    pytester.runpytest("--kinject", "--kinject-update", model, "-k", "france")
+    pytester.runpytest("--kinject", model).assert_outcomes(skipped=1, failed=1)
+
+    result = pytester.runpytest("--kinject", model, "--lf")
+
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*no snapshot entry for fact 'capital-japan'*--kinject-model=*"])
+
+
+def test_exitfirst_stops_after_first_failure(pytester, tiny_llama):
+    write_jsonl(pytester.path / "f.kinject.jsonl", TWO_FACTS)
+
+    result = pytester.runpytest("--kinject", f"--kinject-model={tiny_llama}", "-x")
+
+    result.assert_outcomes(failed=1)
+
+
+def test_other_dtype_than_snapshot_warns(pytester, tiny_llama):
+    write_jsonl(pytester.path / "f.kinject.jsonl", TWO_FACTS)
+    pytester.runpytest("--kinject", "--kinject-update", f"--kinject-model={tiny_llama}")
+
+    result = pytester.runpytest("--kinject", f"--kinject-model={tiny_llama}", "--kinject-dtype=bfloat16",
+                                "-W", "error::kinject_pytest.session.KinjectWarning")
+
+    assert result.ret == pytest.ExitCode.INTERNAL_ERROR or result.ret != pytest.ExitCode.OK
+    result.stdout.fnmatch_lines(["*was recorded with dtype float32 and the candidate runs with bfloat16*"])
+
+
+def test_bfloat16_scores_close_to_float32(tiny_llama):
+    from kinject_pytest.engine import Query, Scorer
+    from kinject_pytest.models import load_model
+
+    query = [Query("f", "The capital of France is", ("Paris",), ("Lyon",))]
+    full = load_model(str(tiny_llama), device="cpu", dtype="float32")
+    half = load_model(str(tiny_llama), device="cpu", dtype="bfloat16")
+
+    exact = Scorer(full.model, full.tokenizer).score(query)["f"]
+    rounded = Scorer(half.model, half.tokenizer).score(query)["f"]
+
+    assert half.dtype == "bfloat16"
+    assert next(half.model.parameters()).dtype.is_floating_point
+    assert rounded.answer_logprobs[0] == pytest.approx(exact.answer_logprobs[0], abs=0.1)
+    assert half.fingerprint.weights == full.fingerprint.weights
+
+
+def test_device_cuda_without_gpu_is_usage_error(pytester, tiny_llama):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    write_jsonl(pytester.path / "f.kinject.jsonl", TWO_FACTS)
+
+    result = pytester.runpytest("--kinject", "--kinject-update", f"--kinject-model={tiny_llama}",
+                                "--kinject-device=cuda")
+
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["ERROR: --kinject-device=cuda was requested but torch sees no CUDA device; "
+                                 "use --kinject-device=cpu or auto"])
