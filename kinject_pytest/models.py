@@ -396,19 +396,28 @@ def attach_adapters(base: LoadedModel, adapter_dirs: list[str]) -> LoadedModel:
         _check_adapter_task(adapter_dir, config, base)
         name = f"adapter_{index}"
         try:
-            with warnings.catch_warnings():
-                # peft 0.21 calls a transformers API that 5.x marks deprecated; not the user's concern.
-                warnings.simplefilter("ignore", FutureWarning)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
                 if index == 0:
+                    # from_pretrained reports missing adapter keys only as a warning.
                     model = PeftModel.from_pretrained(model, adapter_dir, adapter_name=name)
+                    missing = [str(warning.message) for warning in caught
+                               if "missing adapter keys" in str(warning.message)]
                 else:
-                    model.load_adapter(adapter_dir, adapter_name=name)
+                    result = model.load_adapter(adapter_dir, adapter_name=name)
+                    missing = [key for key in result.missing_keys if f".{name}." in key]
         except (RuntimeError, ValueError, KeyError) as error:
             first_line = str(error).strip().splitlines()[0]
             raise ModelError(
                 f"adapter {adapter_dir} does not fit base model {base.reference} ({first_line}); "
                 "pass the base it was trained on with --kinject-model"
             ) from error
+        _reraise_other_warnings(caught)
+        if missing:
+            raise ModelError(
+                f"adapter {adapter_dir} is missing weights that its adapter_config.json declares "
+                f"({_shorten(missing[0])}); re-save the adapter with PeftModel.save_pretrained()"
+            )
         adapter_hashes.append(_hash_adapter_weights(Path(adapter_dir)))
 
     if len(adapter_dirs) > 1:
@@ -423,6 +432,19 @@ def attach_adapters(base: LoadedModel, adapter_dirs: list[str]) -> LoadedModel:
     )
     return LoadedModel(base.reference, model, base.tokenizer, base.device, base.dtype, fingerprint,
                        adapters=tuple(adapter_dirs))
+
+
+def _reraise_other_warnings(caught: list[warnings.WarningMessage]) -> None:
+    # peft 0.21 calls a transformers API that 5.x marks deprecated, which is not the user's
+    # concern; any other warning is passed on.
+    for warning in caught:
+        if issubclass(warning.category, FutureWarning) or "missing adapter keys" in str(warning.message):
+            continue
+        warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+
+
+def _shorten(text: str, limit: int = 160) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _read_adapter_config(adapter_dir: str) -> dict[str, Any]:

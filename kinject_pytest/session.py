@@ -49,6 +49,11 @@ from .verdict import DEFAULT_TOLERANCE, Verdict, judge
 logger = logging.getLogger(__name__)
 
 
+# A candidate whose log-probabilities all stay this close to the base's changed nothing. Re-scoring
+# the unchanged base in another batch moves them by about 2e-5 nats in float32 on SmolLM2.
+NO_EFFECT_NATS = 1e-4
+
+
 class KinjectWarning(UserWarning):
     """Base category of every warning kinject issues."""
 
@@ -209,6 +214,7 @@ class KinjectSession:
 
     def _judge(self, judged: dict[Path, list[Fact]], snapshots: dict[Path, Snapshot | None]) -> None:
         candidate = self._candidate()
+        largest_change = 0.0
         for suite, facts in judged.items():
             if not facts:
                 continue
@@ -232,11 +238,27 @@ class KinjectSession:
                     free_new_tokens=int(snapshot.settings.get("free_new_tokens", ScoringSettings.free_new_tokens)),
                 )
                 candidate_results = self._score(candidate, facts, settings, what="candidate", probes=base_results)
+                largest_change = max(largest_change, *(
+                    _largest_change(base_results[fact.id], candidate_results[_key(fact)]) for fact in facts))
 
             for fact in facts:
                 tolerance = fact.tolerance.over(self.options.tolerance).over(DEFAULT_TOLERANCE)
                 verdict = judge(fact, base_results[fact.id], candidate_results[_key(fact)], tolerance)
                 self.outcomes[_key(fact)] = Outcome(fact, verdict=verdict, recorded=self.options.update)
+
+        if candidate is not self._base or self.options.adapters:
+            self._check_candidate_changed(candidate, largest_change)
+
+    def _check_candidate_changed(self, candidate: LoadedModel, largest_change: float) -> None:
+        # An adapter whose target modules match nothing, or whose LoRA B matrices are still zero,
+        # loads without complaint and computes the base function exactly.
+        if largest_change <= NO_EFFECT_NATS:
+            what = "adapter" if self.options.adapters else "candidate"
+            raise KinjectUsageError(
+                f"the {what} {candidate.label} gives the base's log-probabilities on every selected fact "
+                f"(largest difference {largest_change:.1e} nats), so it changed nothing; check that it was "
+                "trained and that its target_modules exist in the base model"
+            )
 
     def _candidate(self) -> LoadedModel:
         if self.options.candidate:
@@ -290,6 +312,13 @@ class KinjectSession:
         self.summary.seconds_scoring += time.perf_counter() - started
         self.summary.scored_facts += len(queries)
         return results
+
+
+def _largest_change(base: FactResult, candidate: FactResult) -> float:
+    """Return the largest absolute difference, in nats, between two results' log-probabilities."""
+    pairs = zip(base.answer_logprobs + base.choice_logprobs + base.top_logprobs,
+                candidate.answer_logprobs + candidate.choice_logprobs + candidate.probe_logprobs)
+    return max((abs(first - second) for first, second in pairs), default=0.0)
 
 
 def _query(fact: Fact, base_result: FactResult | None) -> Query:
