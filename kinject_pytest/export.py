@@ -1,0 +1,293 @@
+"""Report files of a run: a JSON document for machines and a Markdown summary for pull requests.
+
+:func:`report_data` gathers everything into one JSON-ready dict. :func:`markdown_report` reads
+only that dict, so the Markdown can also be rendered from a JSON report read back from disk.
+Both files are written atomically (a temporary file in the same folder, then ``os.replace``), so a
+reader never sees half a report. Nothing here imports torch or pytest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from .session import Options, Outcome, RunSummary, display_path
+from .stats import per_tag_stats, retention_stats
+from .verdict import DEFAULT_TOLERANCE, REGRESSED
+
+REPORT_VERSION = 1
+ERROR_STATUS = "error"  # the "verdict" of a fact without a usable snapshot entry
+SUPPORTED_SUFFIXES = (".json", ".md")
+WORST_REGRESSIONS = 10
+
+# Characters that Markdown or a GitHub table would read as syntax when they appear in a cell.
+_MARKDOWN_SPECIAL = set("\\`*_[]<>|~&#")
+
+
+def report_data(outcomes: Iterable[Outcome], options: Options, summary: RunSummary) -> dict[str, Any]:
+    """Build the JSON-ready report of a run: settings, statistics, per-tag statistics and every fact.
+
+    Facts are sorted by fact id, then by file. Log-probabilities, drops and KL are in nats. JSON has
+    no infinity or NaN, so a non-finite number is stored as ``null``.
+    """
+    outcomes = list(outcomes)
+    verdicts = [outcome.verdict for outcome in outcomes if outcome.verdict is not None]
+    facts = [_fact_entry(outcome, options) for outcome in outcomes]
+    facts.sort(key=lambda entry: (entry["id"], entry["file"] or ""))
+
+    return {
+        "kinject_report_version": REPORT_VERSION,
+        "candidate": options.candidate_label,
+        "base": options.model,
+        "settings": {
+            "device": options.device,
+            "dtype": options.dtype,
+            "batch_size": options.batch_size,
+            "top_k": options.top_k,
+            "adapters": list(options.adapters),
+        },
+        "run": {
+            "scored_facts": summary.scored_facts,
+            "seconds_loading": summary.seconds_loading,
+            "seconds_scoring": summary.seconds_scoring,
+            "snapshots_written": [display_path(path) for path in summary.snapshots_written],
+        },
+        "stats": _json_numbers(dataclasses.asdict(retention_stats(verdicts))),
+        "tags": {tag: _json_numbers(dataclasses.asdict(stats)) for tag, stats in per_tag_stats(outcomes).items()},
+        "facts": facts,
+    }
+
+
+def _fact_entry(outcome: Outcome, options: Options) -> dict[str, Any]:
+    fact, verdict = outcome.fact, outcome.verdict
+    entry: dict[str, Any] = {
+        "id": fact.id,
+        "file": None if fact.path is None else display_path(fact.path),
+        "line": fact.line,
+        "prompt": fact.prompt,
+        "expect": list(fact.expect),
+        "choices": list(fact.choices),
+        "match": fact.match,
+        "tags": list(fact.tags),
+        "recorded": outcome.recorded,
+        "error": outcome.error,
+    }
+    if verdict is None:
+        # Same precedence as the session uses when judging: fact, then options, then defaults.
+        tolerance = fact.tolerance.over(options.tolerance).over(DEFAULT_TOLERANCE)
+        entry.update(verdict=ERROR_STATUS, failed_checks=[], base_completion=None, candidate_completion=None,
+                     base_logprob=None, candidate_logprob=None, logprob_drop=None, kl=None)
+    else:
+        tolerance = verdict.tolerance
+        entry.update(
+            verdict=verdict.status,
+            failed_checks=list(verdict.failed_checks),
+            base_completion=verdict.base_completion,
+            candidate_completion=verdict.candidate_completion,
+            base_logprob=verdict.base_logprob,
+            candidate_logprob=verdict.candidate_logprob,
+            logprob_drop=verdict.logprob_drop,
+            kl=verdict.kl,
+        )
+    entry["tolerance"] = {"kl": tolerance.kl, "logprob_drop": tolerance.logprob_drop}
+    return _json_numbers(entry)
+
+
+def _json_numbers(values: dict[str, Any]) -> dict[str, Any]:
+    """Replace infinite and NaN floats at the top level and one mapping below it by ``None``."""
+    cleaned: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            value = _json_numbers(value)
+        elif isinstance(value, float) and not math.isfinite(value):
+            value = None
+        cleaned[key] = value
+    return cleaned
+
+
+# Writing files
+
+
+def write_json(path: str | os.PathLike[str], data: dict[str, Any]) -> None:
+    """Write ``data`` as UTF-8 JSON with sorted keys and an indent of 2, atomically."""
+    text = json.dumps(data, sort_keys=True, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+    _write_atomically(Path(path), text)
+
+
+def write_reports(paths: Sequence[str | os.PathLike[str]], data: dict[str, Any]) -> None:
+    """Write the report to each path: JSON for ``.json``, Markdown for ``.md``, each atomically.
+
+    Every suffix is checked before anything is written, so an unsupported one (``ValueError``)
+    leaves no partial set of reports behind.
+    """
+    resolved = [Path(path) for path in paths]
+    for path in resolved:
+        if path.suffix.lower() not in SUPPORTED_SUFFIXES:
+            raise ValueError(f"unsupported report file {path}: the name must end in "
+                             + " or ".join(SUPPORTED_SUFFIXES))
+
+    for path in resolved:
+        if path.suffix.lower() == ".json":
+            write_json(path, data)
+        else:
+            _write_atomically(path, markdown_report(data))
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``.
+
+    POSIX makes the rename atomic when both names are on one file system, which a temporary file in
+    the same folder guarantees. On any error the temporary file is removed.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8", newline="\n") as stream:
+            stream.write(text)
+        # mkstemp makes the file readable by its owner only; give the report the usual mode instead.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def step_summary_path() -> Path | None:
+    """Return the GitHub Actions job summary file from ``$GITHUB_STEP_SUMMARY``, or None when unset or empty."""
+    value = os.environ.get("GITHUB_STEP_SUMMARY", "")
+    return Path(value) if value else None
+
+
+def append_step_summary(markdown: str) -> Path | None:
+    """Append ``markdown`` to the GitHub Actions job summary and return its path, or None outside Actions.
+
+    GitHub collects that file from every step of a job, so it is appended to, never replaced.
+    """
+    path = step_summary_path()
+    if path is None:
+        return None
+    text = markdown if markdown.endswith("\n") else markdown + "\n"
+    with path.open("a", encoding="utf-8", newline="\n") as stream:
+        stream.write(text)
+    return path
+
+
+# Markdown
+
+
+def markdown_report(data: dict[str, Any]) -> str:
+    """Render a report dict from :func:`report_data` as a short Markdown document for a pull request."""
+    stats = data["stats"]
+    errors = sum(1 for fact in data["facts"] if fact["verdict"] == ERROR_STATUS)
+    lines = [
+        f"## kinject: {_inline(data['candidate'])}",
+        "",
+        f"Base model: {_inline(data['base'])}. {len(data['facts'])} facts.",
+        "",
+        "| retained | regressed | gained | unknown | without snapshot entry |",
+        "|---:|---:|---:|---:|---:|",
+        f"| {stats['retained']} | {stats['regressed']} | {stats['gained']} | {stats['unknown']} | {errors} |",
+        "",
+    ]
+    lines += _statistics_lines(stats)
+    lines += _tag_table(data["tags"])
+    lines += _worst_regressions_table(data["facts"])
+    return "\n".join(lines)
+
+
+def _statistics_lines(stats: dict[str, Any]) -> list[str]:
+    if stats["retention_rate"] is None:
+        lines = ["- Retention: the base knows none of these facts."]
+    else:
+        lines = [
+            f"- Retention of facts the base knows: {stats['retained']}/{stats['known']} = "
+            f"{_percent(stats['retention_rate'])} "
+            f"(95% Wilson interval {_percent(stats['wilson_low'])} to {_percent(stats['wilson_high'])})"
+        ]
+    lines.append(
+        f"- Exact McNemar test, facts lost ({stats['lost']}) against facts gained ({stats['gained']}): "
+        f"p {_p_value(stats['mcnemar_p'])}"
+    )
+    if stats["mean_kl"] is not None:
+        lines.append(f"- KL(base ‖ candidate) on known facts: mean {stats['mean_kl']:.4f} nats, "
+                     f"max {stats['max_kl']:.4f} nats")
+    return lines + [""]
+
+
+def _tag_table(tags: dict[str, dict[str, Any]]) -> list[str]:
+    if not tags:
+        return []
+
+    # Lowest retention first; tags whose facts the base does not know at all go last.
+    def order(item: tuple[str, dict[str, Any]]) -> tuple[bool, float, str]:
+        tag, stats = item
+        rate = stats["retention_rate"]
+        return rate is None, rate if rate is not None else 0.0, tag
+
+    lines = ["### Retention by tag", "", "| tag | known | retained | regressed | retention |", "|---|---:|---:|---:|---:|"]
+    for tag, stats in sorted(tags.items(), key=order):
+        retention = "n/a" if stats["retention_rate"] is None else _percent(stats["retention_rate"])
+        lines.append(f"| {_cell(tag)} | {stats['known']} | {stats['retained']} | {stats['regressed']} | {retention} |")
+    return lines + [""]
+
+
+def _worst_regressions_table(facts: list[dict[str, Any]]) -> list[str]:
+    regressed = [fact for fact in facts if fact["verdict"] == REGRESSED]
+    if not regressed:
+        return []
+
+    # Largest drop first; facts without a drop (regex facts) after every fact with one.
+    regressed.sort(key=lambda fact: (fact["logprob_drop"] is None, -(fact["logprob_drop"] or 0.0), fact["id"]))
+    worst = regressed[:WORST_REGRESSIONS]
+    lines = [
+        f"### Worst regressions ({len(worst)} of {len(regressed)}, largest drop in log p(expected) first)",
+        "",
+        "| fact | prompt | expected | base | candidate | drop (nats) | KL (nats) |",
+        "|---|---|---|---|---|---:|---:|",
+    ]
+    for fact in worst:
+        cells = [
+            _cell(fact["id"]),
+            _cell(fact["prompt"]),
+            _cell(" / ".join(fact["expect"])),
+            _cell(fact["base_completion"].strip()),
+            _cell(fact["candidate_completion"].strip()),
+            _number(fact["logprob_drop"]),
+            _number(fact["kl"]),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def _cell(text: str) -> str:
+    """Escape ``text`` for one cell of a GitHub table: Markdown syntax, ``|`` and line breaks."""
+    if not text:
+        return "(empty)"
+    escaped = "".join("\\" + character if character in _MARKDOWN_SPECIAL else character for character in text)
+    return escaped.replace("\r\n", "<br>").replace("\n", "<br>").replace("\r", "<br>")
+
+
+def _inline(text: str) -> str:
+    """Escape ``text`` for a heading or a sentence: the same as a cell, with line breaks as spaces."""
+    return _cell(" ".join(text.split()))
+
+
+def _percent(value: float) -> str:
+    return f"{value:.1%}"
+
+
+def _number(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def _p_value(value: float) -> str:
+    if value == 0.0:
+        return "< 1e-300"  # the exact value underflowed a float
+    return f"= {value:.3g}"
