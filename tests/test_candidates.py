@@ -47,7 +47,7 @@ def test_adapter_that_changes_nothing_is_rejected(pytester, tiny_llama, recorded
     lines = error_lines(result)
     assert len(lines) == 1
     assert lines[0].startswith(f"ERROR: the adapter {tiny_llama} + {adapter} gives the base's log-probabilities on "
-                               "every selected fact (largest difference 0.0e+00 nats)")
+                               "every selected fact (largest difference ")
     assert lines[0].endswith("check that it was trained and that its target_modules exist in the base model")
 
 
