@@ -12,10 +12,10 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from .files import write_text_atomically
 from .session import Options, Outcome, RunSummary, display_path
 from .stats import per_tag_stats, retention_stats
 from .verdict import DEFAULT_TOLERANCE, REGRESSED
@@ -116,7 +116,7 @@ def _json_numbers(values: dict[str, Any]) -> dict[str, Any]:
 def write_json(path: str | os.PathLike[str], data: dict[str, Any]) -> None:
     """Write ``data`` as UTF-8 JSON with sorted keys and an indent of 2, atomically."""
     text = json.dumps(data, sort_keys=True, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
-    _write_atomically(Path(path), text)
+    write_text_atomically(Path(path), text)
 
 
 def write_reports(paths: Sequence[str | os.PathLike[str]], data: dict[str, Any]) -> None:
@@ -135,28 +135,7 @@ def write_reports(paths: Sequence[str | os.PathLike[str]], data: dict[str, Any])
         if path.suffix.lower() == ".json":
             write_json(path, data)
         else:
-            _write_atomically(path, markdown_report(data))
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``.
-
-    POSIX makes the rename atomic when both names are on one file system, which a temporary file in
-    the same folder guarantees. On any error the temporary file is removed.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8", newline="\n") as stream:
-            stream.write(text)
-        # mkstemp makes the file readable by its owner only; give the report the usual mode instead.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+            write_text_atomically(path, markdown_report(data))
 
 
 def step_summary_path() -> Path | None:

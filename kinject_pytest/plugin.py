@@ -46,6 +46,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--kinject-max-logprob-drop", metavar="NATS", type=float, default=None,
                     help="Tolerance on the drop of the expected answer's log-probability, in nats; default 1.0 "
                          "(ini: kinject_max_logprob_drop). Suite and fact tolerances win over it.")
+    group.addoption("--kinject-report", metavar="PATH", action="append", default=[],
+                    help="Write a report of every fact's verdict to PATH: .json (all numbers) or .md (summary for "
+                         "a pull request); repeat for several. The Markdown is also appended to $GITHUB_STEP_SUMMARY "
+                         "when that variable is set.")
     group.addoption("--kinject-snapshot-dir", metavar="DIR", default=None,
                     help="Folder for snapshot files instead of __kinject__/ beside each suite (ini: kinject_snapshot_dir).")
 
@@ -103,6 +107,10 @@ def _options(config: pytest.Config) -> Any:
     for name, value in (("--kinject-batch-size", options.batch_size), ("--kinject-top-k", options.top_k)):
         if value < 1:
             raise pytest.UsageError(f"{name}={value} is invalid; pass a positive integer")
+    for report in config.getoption("kinject_report"):
+        if Path(report).suffix.lower() not in (".json", ".md"):
+            raise pytest.UsageError(f"--kinject-report={report} has an unsupported suffix; use a file name ending "
+                                    "in .json or .md")
     return options
 
 
@@ -148,6 +156,19 @@ class KinjectPlugin:
             terminalreporter.write_line(line)
         for path in self.session.summary.snapshots_written:
             terminalreporter.write_line(f"snapshot written: {path}")
+        self._write_reports(terminalreporter)
+
+    def _write_reports(self, terminalreporter: Any) -> None:
+        from .export import append_step_summary, markdown_report, report_data, write_reports
+
+        paths = self.config.getoption("kinject_report")
+        data = report_data(self.session.outcomes.values(), self.options, self.session.summary)
+        write_reports(paths, data)
+        for path in paths:
+            terminalreporter.write_line(f"report written: {path}")
+        summary = append_step_summary(markdown_report(data))
+        if summary is not None:
+            terminalreporter.write_line(f"report appended to the GitHub step summary {summary}")
 
 
 def _whole_suites(session: pytest.Session, items: list[FactItem]) -> set[Path]:

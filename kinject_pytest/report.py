@@ -7,6 +7,7 @@ from collections import Counter
 from typing import Iterable
 
 from .session import Options, Outcome, display_path
+from .stats import retention_stats
 from .verdict import REGRESSED, RETAINED, STATUSES, Verdict, count_statuses
 
 _CHECK_NAMES = {
@@ -66,6 +67,10 @@ def summary_lines(outcomes: Iterable[Outcome], *, worst: int = 5) -> list[str]:
     known = counts[RETAINED] + counts[REGRESSED]
     if known:
         lines.append(f"retention of facts the base knows: {counts[RETAINED]}/{known} = {counts[RETAINED] / known:.1%}")
+    stats = retention_stats(verdicts)
+    if known:
+        lines.append(f"Wilson 95% interval of the retention rate: {stats.wilson_low:.1%} to {stats.wilson_high:.1%}; "
+                     f"exact McNemar test of {stats.lost} lost vs {stats.gained} gained facts: p = {stats.mcnemar_p:.3g}")
     kls = [verdict.kl for verdict in verdicts if verdict.kl is not None and verdict.status in (RETAINED, REGRESSED)]
     if kls:
         lines.append(f"KL(base || candidate) on known facts: mean {statistics.fmean(kls):.4f}, max {max(kls):.4f} nats")

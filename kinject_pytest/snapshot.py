@@ -10,14 +10,13 @@ still describe the model it loads. Writes go to a temporary file in the same fol
 from __future__ import annotations
 
 import json
-import os
 import platform
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .engine import FactResult
+from .files import write_text_atomically
 from .suite import Fact, suite_name
 
 SNAPSHOT_VERSION = 1
@@ -109,20 +108,7 @@ def read_snapshot(path: Path) -> Snapshot | None:
 
 def write_snapshot(snapshot: Snapshot) -> None:
     """Write ``snapshot`` atomically, with sorted keys so diffs of the file stay small."""
-    text = dumps_readable(snapshot.to_dict()) + "\n"
-    snapshot.path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{snapshot.path.name}.", dir=snapshot.path.parent)
-    try:
-        # mkstemp creates the file readable by its owner only; a snapshot is committed and shared.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)
-        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(temporary, snapshot.path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    write_text_atomically(snapshot.path, dumps_readable(snapshot.to_dict()) + "\n")
 
 
 def dumps_readable(value: Any, indent: str = "") -> str:

@@ -107,3 +107,31 @@ def test_device_cuda_without_gpu_is_usage_error(pytester, tiny_llama):
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["ERROR: --kinject-device=cuda was requested but torch sees no CUDA device; "
                                  "use --kinject-device=cpu or auto"])
+
+
+def test_reports_written_and_step_summary_appended(pytester, tiny_llama, monkeypatch):
+    write_jsonl(pytester.path / "f.kinject.jsonl", TWO_FACTS)
+    step_summary = pytester.path / "step-summary.md"
+    step_summary.write_text("earlier step\n")
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(step_summary))
+    model = f"--kinject-model={tiny_llama}"
+    pytester.runpytest("--kinject", "--kinject-update", model)
+
+    result = pytester.runpytest("--kinject", model, "--kinject-report=out/report.json", "--kinject-report=report.md")
+
+    result.stdout.fnmatch_lines(["*report written: out/report.json*", "*report written: report.md*"])
+    report = json.loads((pytester.path / "out" / "report.json").read_text())
+    assert sorted(fact["id"] for fact in report["facts"]) == ["capital-france", "capital-japan"]
+    assert {fact["verdict"] for fact in report["facts"]} == {"unknown"}
+    assert (pytester.path / "report.md").read_text().startswith("## kinject: ")
+    assert step_summary.read_text().startswith("earlier step\n## kinject: ")
+
+
+def test_report_with_unknown_suffix_is_usage_error(pytester):
+    write_jsonl(pytester.path / "f.kinject.jsonl", TWO_FACTS)
+
+    result = pytester.runpytest("--kinject", "--kinject-report=report.html")
+
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["ERROR: --kinject-report=report.html has an unsupported suffix; use a file name "
+                                 "ending in .json or .md"])

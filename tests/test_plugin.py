@@ -166,7 +166,11 @@ def test_lora_adapter_regresses_edited_facts(pytester, smollm2_lora, counterfact
         "*candidate:  *",
         f"*candidate: smollm2 + {smollm2_lora}*",
     ])
-    result.stdout.fnmatch_lines(["*retention of facts the base knows: *", "*worst regressions*"])
+    result.stdout.fnmatch_lines([
+        "*retention of facts the base knows: *",
+        "*Wilson 95% interval of the retention rate: *; exact McNemar test of * lost vs * gained facts: p = *",
+        "*worst regressions*",
+    ])
 
 
 def test_full_finetune_candidate_regresses(pytester, smollm2_full, counterfactual_edits):
