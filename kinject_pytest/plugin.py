@@ -107,10 +107,12 @@ def _options(config: pytest.Config) -> Any:
     for name, value in (("--kinject-batch-size", options.batch_size), ("--kinject-top-k", options.top_k)):
         if value < 1:
             raise pytest.UsageError(f"{name}={value} is invalid; pass a positive integer")
+    from .export import SUPPORTED_SUFFIXES
+
     for report in config.getoption("kinject_report"):
-        if Path(report).suffix.lower() not in (".json", ".md"):
+        if Path(report).suffix.lower() not in SUPPORTED_SUFFIXES:
             raise pytest.UsageError(f"--kinject-report={report} has an unsupported suffix; use a file name ending "
-                                    "in .json or .md")
+                                    "in " + " or ".join(SUPPORTED_SUFFIXES))
     return options
 
 
