@@ -197,3 +197,23 @@ def test_base_changed_since_snapshot_is_rejected(pytester, geo_suite):
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["ERROR: *geo.smollm2.json: recorded from other weights of smollm2 *the snapshot is "
                                  "stale, re-record it with: pytest --kinject --kinject-update geo.kinject.jsonl"])
+
+
+def test_aggregate_gate_on_lora(pytester, smollm2_lora, counterfactual_edits):
+    # Six edited facts the adapter overwrites and two capitals: retention is at most 2/8.
+    records = [{"id": edit["id"], "prompt": edit["prompt"], "expect": edit["old"]}
+               for edit in counterfactual_edits[:6]] + GEOGRAPHY[:2]
+    write_jsonl(pytester.path / "edits.kinject.jsonl", records)
+    pytester.runpytest("--kinject", "--kinject-update")
+    adapter = f"--kinject-adapter={smollm2_lora}"
+
+    below = pytester.runpytest("--kinject", adapter, "--kinject-gate=aggregate", "--kinject-min-retention=0")
+    above = pytester.runpytest("--kinject", adapter, "--kinject-gate=aggregate", "--kinject-min-retention=0.9")
+
+    assert below.ret == pytest.ExitCode.OK
+    assert below.parseoutcomes()["xfailed"] >= 6
+    assert above.ret == pytest.ExitCode.TESTS_FAILED
+    above.assert_outcomes(failed=1, xfailed=below.parseoutcomes()["xfailed"],
+                          passed=below.parseoutcomes().get("passed", 0) - 1)
+    above.stdout.fnmatch_lines(["*kinject gate failed for smollm2 + *",
+                                "*is below the minimum 90.0% (--kinject-min-retention)*"])
