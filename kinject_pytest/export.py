@@ -1,8 +1,9 @@
-"""Report files of a run: a JSON document for machines and a Markdown summary for pull requests.
+"""Report files of a run: a JSON document for machines, a Markdown summary for pull requests and an
+HTML page with plots for reviewers (rendered by :mod:`kinject_pytest.html`).
 
 :func:`report_data` gathers everything into one JSON-ready dict. :func:`markdown_report` reads
 only that dict, so the Markdown can also be rendered from a JSON report read back from disk.
-Both files are written atomically (a temporary file in the same folder, then ``os.replace``), so a
+Every file is written atomically (a temporary file in the same folder, then ``os.replace``), so a
 reader never sees half a report. Nothing here imports torch or pytest.
 """
 
@@ -16,13 +17,14 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from .files import write_text_atomically
+from .html import html_report
 from .session import Options, Outcome, RunSummary, display_path
 from .stats import per_tag_stats, retention_stats
 from .verdict import DEFAULT_TOLERANCE, REGRESSED
 
 REPORT_VERSION = 1
 ERROR_STATUS = "error"  # the "verdict" of a fact without a usable snapshot entry
-SUPPORTED_SUFFIXES = (".json", ".md")
+SUPPORTED_SUFFIXES = (".json", ".md", ".html")
 WORST_REGRESSIONS = 10
 
 # Characters that Markdown or a GitHub table would read as syntax when they appear in a cell.
@@ -120,7 +122,7 @@ def write_json(path: str | os.PathLike[str], data: dict[str, Any]) -> None:
 
 
 def write_reports(paths: Sequence[str | os.PathLike[str]], data: dict[str, Any]) -> None:
-    """Write the report to each path: JSON for ``.json``, Markdown for ``.md``, each atomically.
+    """Write the report to each path: JSON for ``.json``, Markdown for ``.md``, HTML for ``.html``, each atomically.
 
     Every suffix is checked before anything is written, so an unsupported one (``ValueError``)
     leaves no partial set of reports behind.
@@ -132,8 +134,11 @@ def write_reports(paths: Sequence[str | os.PathLike[str]], data: dict[str, Any])
                              + " or ".join(SUPPORTED_SUFFIXES))
 
     for path in resolved:
-        if path.suffix.lower() == ".json":
+        suffix = path.suffix.lower()
+        if suffix == ".json":
             write_json(path, data)
+        elif suffix == ".html":
+            write_text_atomically(path, html_report(data))
         else:
             write_text_atomically(path, markdown_report(data))
 

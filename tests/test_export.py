@@ -222,10 +222,11 @@ def test_write_reports_by_suffix(tmp_path, data):
 def test_write_reports_unsupported_suffix(tmp_path, data):
     json_path = tmp_path / "kinject.json"
     with pytest.raises(ValueError) as raised:
-        write_reports([json_path, tmp_path / "kinject.html"], data)
+        write_reports([json_path, tmp_path / "kinject.txt"], data)
 
     message = str(raised.value)
-    assert message == f"unsupported report file {tmp_path / 'kinject.html'}: the name must end in .json or .md"
+    assert message == (f"unsupported report file {tmp_path / 'kinject.txt'}: "
+                       "the name must end in .json or .md or .html")
     assert "\n" not in message
     assert not json_path.exists()  # nothing is written when any path is invalid
 
