@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from .fixture import kinject  # noqa: F401  (pytest registers fixtures defined in plugin modules)
 from .suite import Fact, SuiteError, Tolerance, is_suite_file, load_suite
 
 outcome_key = pytest.StashKey["Any"]()
