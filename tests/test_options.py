@@ -130,8 +130,8 @@ def test_reports_written_and_step_summary_appended(pytester, tiny_llama, monkeyp
 def test_report_with_unknown_suffix_is_usage_error(pytester):
     write_jsonl(pytester.path / "f.kinject.jsonl", TWO_FACTS)
 
-    result = pytester.runpytest("--kinject", "--kinject-report=report.html")
+    result = pytester.runpytest("--kinject", "--kinject-report=report.txt")
 
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stderr.fnmatch_lines(["ERROR: --kinject-report=report.html has an unsupported suffix; use a file name "
-                                 "ending in .json or .md"])
+    result.stderr.fnmatch_lines(["ERROR: --kinject-report=report.txt has an unsupported suffix; use a file name "
+                                 "ending in .json or .md or .html"])
