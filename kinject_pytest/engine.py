@@ -26,6 +26,10 @@ logger = logging.getLogger(__name__)
 DEFAULT_BATCH_SIZE = 64
 
 
+class ScoringError(ValueError):
+    """A query the model cannot score; the message names the query's key and the fix."""
+
+
 @dataclass(frozen=True)
 class ScoringSettings:
     """Settings that change what is measured; a snapshot records them and a candidate reuses them."""
@@ -125,7 +129,7 @@ class Scorer:
         prompt, separator = split_prompt(query.prompt)
         prompt_ids = self.tokenizer(prompt)["input_ids"]
         if not prompt_ids:
-            raise ValueError(f"prompt of {query.key!r} encodes to no tokens")
+            raise ScoringError(f"{query.key}: the prompt encodes to no tokens; write a non-empty prompt")
 
         continuations = [self._continuation_ids(prompt, prompt_ids, separator + text.lstrip())
                          for text in query.answers + query.choices]
@@ -133,6 +137,11 @@ class Scorer:
             budget = max(len(ids) for ids in continuations[: len(query.answers)]) + self.settings.extra_new_tokens
         else:
             budget = self.settings.free_new_tokens
+        longest = len(prompt_ids) + max([budget, *(len(ids) for ids in continuations)])
+        context = getattr(self.model.config, "max_position_embeddings", None)
+        if context is not None and longest > context:
+            raise ScoringError(f"{query.key}: the prompt with its answer or completion takes {longest} tokens, more "
+                               f"than the model's context of {context}; shorten the prompt")
         return _Encoded(list(prompt_ids), continuations, budget)
 
     def _continuation_ids(self, prompt: str, prompt_ids: list[int], continuation: str) -> list[int]:
@@ -151,8 +160,12 @@ class Scorer:
         continuation_logprobs = self._continuations(encoded, next_logprobs, copy.deepcopy(cache), mask, positions)
         completions = self._greedy(encoded, next_logprobs, cache, mask, positions)
 
+        vocabulary = next_logprobs.shape[-1]
         results = []
         for row, (query, item) in enumerate(zip(queries, encoded)):
+            if any(not 0 <= token < vocabulary for token in query.probe_token_ids):
+                raise ScoringError(f"{query.key}: the snapshot's top-k token ids do not fit the candidate's "
+                                   f"vocabulary of {vocabulary} tokens; re-record the snapshot with --kinject-update")
             top = next_logprobs[row].topk(self.settings.top_k)
             probes = torch.tensor(query.probe_token_ids, dtype=torch.long, device=next_logprobs.device)
             top_ids = top.indices.tolist()

@@ -140,34 +140,43 @@ def load_model(reference: str, *, device: str = "auto", dtype: str = "float32") 
     return LoadedModel(reference, model, tokenizer, device, dtype, fingerprint)
 
 
+def check_reference(reference: str) -> None:
+    """Raise ModelError for a reference that can never load, without loading anything."""
+    if reference == DEFAULT_MODEL:
+        return
+    path = Path(reference).expanduser()
+    if reference.endswith(".gguf"):
+        if not path.is_file():
+            raise ModelError(f"model file {reference} not found; pass an existing .gguf file")
+    elif path.is_dir():
+        if not (path / "config.json").is_file():
+            hint = " (it is a PEFT adapter: pass it with --kinject-adapter)" if (path / "adapter_config.json").is_file() else ""
+            raise ModelError(
+                f"model folder {reference} has no config.json{hint}; pass a folder written by "
+                "save_pretrained(), a .gguf file, a hub id or smollm2"
+            )
+    elif reference.startswith((".", "/", "~")) or reference.count("/") > 1:
+        # A hub id is "name" or "owner/name". Anything with more path segments, or starting like a
+        # path, was meant as a local path that does not exist.
+        raise ModelError(
+            f"model {reference} not found: it is not a folder, a .gguf file or a hub id; "
+            "check the path given to --kinject-model / --kinject-candidate"
+        )
+
+
 def _local_folder(reference: str) -> tuple[str, str, str | None]:
     """Map a reference to something ``from_pretrained`` can read, plus its source format."""
     if reference == DEFAULT_MODEL:
         folder = ensure_smollm2()
         return str(folder), "gguf", _read_source_info(folder).get("quantization")
 
+    check_reference(reference)
     path = Path(reference).expanduser()
     if reference.endswith(".gguf"):
-        if not path.is_file():
-            raise ModelError(f"model file {reference} not found; pass an existing .gguf file")
         folder = convert_gguf(path)
         return str(folder), "gguf", _read_source_info(folder).get("quantization")
-
     if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ModelError(
-                f"model folder {reference} has no config.json; pass a folder written by "
-                "save_pretrained(), a .gguf file, a hub id or smollm2"
-            )
         return str(path), _folder_format(path), None
-
-    # A hub id is "name" or "owner/name". Anything with more path segments, or starting like a
-    # path, was meant as a local path that does not exist.
-    if reference.startswith((".", "/", "~")) or reference.count("/") > 1:
-        raise ModelError(
-            f"model {reference} not found: it is not a folder, a .gguf file or a hub id; "
-            "check the path given to --kinject-model / --kinject-candidate"
-        )
     return reference, "hub", None
 
 

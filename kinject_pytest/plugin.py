@@ -6,6 +6,8 @@ were selected, so ``pytest --co`` in a project that has the plugin installed sta
 
 from __future__ import annotations
 
+import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -103,7 +105,8 @@ def _setting(config: pytest.Config, name: str, convert: Any = str) -> Any:
     try:
         return convert(value)
     except ValueError:
-        raise pytest.UsageError(f"ini key kinject_{name} = {value!r} is invalid; expected a {convert.__name__}") from None
+        kind = {int: "an integer", float: "a number"}.get(convert, "text")
+        raise pytest.UsageError(f"ini key kinject_{name} = {value!r} is invalid; expected {kind}") from None
 
 
 def _options(config: pytest.Config) -> Any:
@@ -118,8 +121,8 @@ def _options(config: pytest.Config) -> Any:
         update=config.getoption("kinject_update"),
         device=_setting(config, "device") or "auto",
         dtype=_setting(config, "dtype") or "float32",
-        batch_size=_setting(config, "batch_size", int) or DEFAULT_BATCH_SIZE,
-        top_k=_setting(config, "top_k", int) or 20,
+        batch_size=_default(_setting(config, "batch_size", int), DEFAULT_BATCH_SIZE),
+        top_k=_default(_setting(config, "top_k", int), 20),
         snapshot_dir=Path(snapshot_dir) if snapshot_dir else None,
         tolerance=Tolerance(kl=_setting(config, "max_kl", float),
                             logprob_drop=_setting(config, "max_logprob_drop", float)),
@@ -130,6 +133,13 @@ def _options(config: pytest.Config) -> Any:
     for name, value in (("--kinject-batch-size", options.batch_size), ("--kinject-top-k", options.top_k)):
         if value < 1:
             raise pytest.UsageError(f"{name}={value} is invalid; pass a positive integer")
+    for name, value in (("--kinject-max-kl", options.tolerance.kl),
+                        ("--kinject-max-logprob-drop", options.tolerance.logprob_drop)):
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise pytest.UsageError(f"{name}={value} is invalid; pass a finite number of nats that is 0 or more "
+                                    "(it is also read from the ini key of the same name)")
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", options.device):
+        raise pytest.UsageError(f"--kinject-device={options.device} is invalid; use auto, cpu, cuda, cuda:N or mps")
     from .export import SUPPORTED_SUFFIXES
 
     for report in config.getoption("kinject_report"):
@@ -160,6 +170,10 @@ def _gate(config: pytest.Config) -> tuple[str, Any]:
         raise pytest.UsageError("--kinject-gate=aggregate needs a threshold; add --kinject-min-retention, "
                                 "--kinject-retention-not-below, --kinject-max-regressed or --kinject-max-mean-kl")
     return mode, thresholds
+
+
+def _default(value: Any, default: Any) -> Any:
+    return default if value is None else value
 
 
 class KinjectPlugin:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .engine import DEFAULT_BATCH_SIZE, FactResult, Query, Scorer, ScoringSettings
+from .engine import DEFAULT_BATCH_SIZE, FactResult, Query, Scorer, ScoringError, ScoringSettings
 from .models import (
     DEFAULT_MODEL,
     SMOLLM2_REQUIREMENT,
@@ -30,6 +30,7 @@ from .models import (
     ModelError,
     attach_adapters,
     cache_dir,
+    check_reference,
     is_cached,
     load_model,
     model_slug,
@@ -132,6 +133,11 @@ class KinjectSession:
         for fact in facts:
             by_suite.setdefault(Path(fact.path), []).append(fact)
 
+        self._check_snapshot_paths(by_suite)
+        try:
+            check_reference(self.options.model)
+        except ModelError as error:
+            raise KinjectUsageError(str(error)) from error
         snapshots = {suite: self._read_snapshot(suite) for suite in by_suite}
         if self.options.update:
             self._record(by_suite, snapshots, whole_suites)
@@ -140,6 +146,18 @@ class KinjectSession:
         if any(judged.values()):
             self._judge(judged, snapshots)
         return self.outcomes
+
+    def _check_snapshot_paths(self, by_suite: dict[Path, list[Fact]]) -> None:
+        owners: dict[Path, Path] = {}
+        for suite in by_suite:
+            path = snapshot_path(suite, model_slug(self.options.model), self.options.snapshot_dir)
+            if path in owners:
+                raise KinjectUsageError(
+                    f"suites {display_path(owners[path])} and {display_path(suite)} would share the snapshot "
+                    f"{display_path(path)}; rename one of them, or keep their snapshots apart (no shared "
+                    "--kinject-snapshot-dir)"
+                )
+            owners[path] = suite
 
     def _read_snapshot(self, suite: Path) -> Snapshot | None:
         path = snapshot_path(suite, model_slug(self.options.model), self.options.snapshot_dir)
@@ -183,7 +201,11 @@ class KinjectSession:
                                             entries=entries, suite_fact_ids=suite_ids)
             except SnapshotError as error:
                 raise KinjectUsageError(str(error)) from error
-            write_snapshot(snapshot)
+            try:
+                write_snapshot(snapshot)
+            except OSError as error:
+                raise KinjectUsageError(f"could not write snapshot {display_path(path)} ({error.strerror or error}); "
+                                        "check that its folder (--kinject-snapshot-dir) can be created and written") from error
             snapshots[suite] = snapshot
             self.summary.snapshots_written.append(path)
 
@@ -305,10 +327,14 @@ class KinjectSession:
     def _score(self, loaded: LoadedModel, facts: list[Fact], settings: ScoringSettings, *, what: str,
                probes: dict[str, FactResult | None] | None = None) -> dict[str, FactResult]:
         queries = [_query(fact, probes.get(fact.id) if probes else None) for fact in facts]
-        self.progress(f"kinject: scoring {len(queries)} facts with the {what} ({loaded.label}), "
+        noun = "fact" if len(queries) == 1 else "facts"
+        self.progress(f"kinject: scoring {len(queries)} {noun} with the {what} ({loaded.label}), "
                       f"batch size {settings.batch_size}")
         started = time.perf_counter()
-        results = Scorer(loaded.model, loaded.tokenizer, settings).score(queries)
+        try:
+            results = Scorer(loaded.model, loaded.tokenizer, settings).score(queries)
+        except ScoringError as error:
+            raise KinjectUsageError(str(error)) from error
         self.summary.seconds_scoring += time.perf_counter() - started
         self.summary.scored_facts += len(queries)
         return results

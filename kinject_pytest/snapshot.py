@@ -10,6 +10,7 @@ still describe the model it loads. Writes go to a temporary file in the same fol
 from __future__ import annotations
 
 import json
+import math
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,6 +86,12 @@ def read_snapshot(path: Path) -> Snapshot | None:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         return None
+    except OSError as error:
+        raise SnapshotError(f"{path}: cannot be read ({error.strerror or error}); check the snapshot folder "
+                            "(--kinject-snapshot-dir)") from error
+    except UnicodeDecodeError as error:
+        raise SnapshotError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start}); delete the file and "
+                            "re-record it with --kinject-update") from error
 
     try:
         data = json.loads(text)
@@ -101,9 +108,51 @@ def read_snapshot(path: Path) -> Snapshot | None:
             "reads; re-record it with --kinject-update"
         )
     try:
-        return Snapshot(path, data["model"], data["settings"], data["versions"], data["facts"])
+        snapshot = Snapshot(path, data["model"], data["settings"], data["versions"], data["facts"])
     except KeyError as error:
         raise SnapshotError(f"{path}: missing key {error}; re-record it with --kinject-update") from error
+    if not isinstance(snapshot.facts, dict) or not isinstance(snapshot.model, dict) \
+            or not isinstance(snapshot.settings, dict):
+        raise SnapshotError(f"{path}: 'facts', 'model' and 'settings' must be JSON objects; delete the file and "
+                            "re-record it with --kinject-update")
+    for fact_id, entry in snapshot.facts.items():
+        problem = _entry_problem(entry)
+        if problem:
+            raise SnapshotError(f"{path}: entry {fact_id!r} is invalid ({problem}); delete the file and re-record "
+                                "it with --kinject-update")
+    return snapshot
+
+
+_INTEGER_LISTS = ("completion_token_ids", "answer_token_counts", "choice_token_counts", "top_token_ids")
+_NUMBER_LISTS = ("answer_logprobs", "choice_logprobs", "top_logprobs", "probe_logprobs")
+
+
+def _entry_problem(entry: Any) -> str | None:
+    """Return what is wrong with one snapshot entry, or None; hand-edited files end up here."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("fact"), dict) or not isinstance(entry.get("result"), dict):
+        return "it needs a 'fact' and a 'result' object"
+    result = entry["result"]
+    missing = [name for name in (*_INTEGER_LISTS, *_NUMBER_LISTS[:3], "completion", "top_tokens") if name not in result]
+    if missing:
+        return "missing " + ", ".join(missing)
+    for name in _INTEGER_LISTS:
+        if not _list_of(result[name], int):
+            return f"{name} must be a list of integers"
+    for name in _NUMBER_LISTS:
+        if not _list_of(result.get(name, []), (int, float)) or not all(math.isfinite(value) for value in result.get(name, [])):
+            return f"{name} must be a list of finite numbers"
+    if not isinstance(result["completion"], str) or not _list_of(result["top_tokens"], str):
+        return "completion and top_tokens must be text"
+    if not len(result["top_token_ids"]) == len(result["top_logprobs"]) == len(result["top_tokens"]):
+        return "top_token_ids, top_tokens and top_logprobs differ in length"
+    if len(result["answer_logprobs"]) != len(result["answer_token_counts"]) \
+            or len(result["choice_logprobs"]) != len(result["choice_token_counts"]):
+        return "log-probabilities and token counts differ in length"
+    return None
+
+
+def _list_of(value: Any, kinds: type | tuple[type, ...]) -> bool:
+    return isinstance(value, list) and all(isinstance(item, kinds) and not isinstance(item, bool) for item in value)
 
 
 def write_snapshot(snapshot: Snapshot) -> None:

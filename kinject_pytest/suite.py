@@ -458,6 +458,14 @@ def _parse_fact(path: Path, line: int, record: Mapping[str, Any], defaults: _Def
     # Suite-wide tags come first, and a tag listed in both places is kept once.
     tags = tuple(dict.fromkeys((*defaults.tags, *own_tags)))
 
+    # JSON's \ud800 escapes decode to lone surrogates, which no tokenizer can encode.
+    for text in (prompt, *expect, *choices):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise SuiteError(path, line, f"{label} contains an unpaired surrogate ({ascii(text)[:60]}); "
+                                         "write the character itself or a valid surrogate pair") from None
+
     return Fact(
         id=fact_id,
         prompt=prompt,

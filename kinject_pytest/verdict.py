@@ -69,14 +69,16 @@ def completion_matches(completion: str, answer: str, rule: str) -> bool:
     Leading whitespace of the completion is ignored. ``prefix``, ``exact`` and ``contains`` compare
     case-insensitively (``str.casefold``) and need the answer to end at a word boundary, so
     "Paris." matches "Paris" but "Parisian" does not. ``exact`` compares the completion's first line
-    with trailing punctuation removed. ``regex`` runs ``re.search`` on the completion as written.
+    with trailing punctuation removed from both. ``regex`` runs ``re.search`` on the completion
+    with leading whitespace removed, and is case-sensitive unless the pattern says otherwise.
     """
     text = completion.lstrip()
     if rule == "regex":
         return re.search(answer, text) is not None
     if rule == "exact":
         first_line = text.split("\n", 1)[0].rstrip().rstrip(_TRAILING_PUNCTUATION).rstrip()
-        return first_line.casefold() == answer.strip().casefold()
+        expected = answer.strip().rstrip(_TRAILING_PUNCTUATION).rstrip()
+        return first_line.casefold() == expected.casefold()
 
     pattern = re.escape(answer.strip().casefold()) + r"(?!\w)"
     if rule == "prefix":

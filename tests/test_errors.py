@@ -82,7 +82,7 @@ def test_invalid_ini_value_is_usage_error(pytester):
 
     result = pytester.runpytest("--kinject")
 
-    assert error_lines(result) == ["ERROR: ini key kinject_batch_size = 'many' is invalid; expected a int"]
+    assert error_lines(result) == ["ERROR: ini key kinject_batch_size = 'many' is invalid; expected an integer"]
 
 
 def test_corrupt_snapshot_is_usage_error(pytester, tiny_llama):

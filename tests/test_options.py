@@ -135,3 +135,77 @@ def test_report_with_unknown_suffix_is_usage_error(pytester):
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["ERROR: --kinject-report=report.txt has an unsupported suffix; use a file name "
                                  "ending in .json or .md or .html"])
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        ("--kinject-max-kl=-1", "ERROR: --kinject-max-kl=-1.0 is invalid; pass a finite number of nats that is 0 or more*"),
+        ("--kinject-max-logprob-drop=inf", "ERROR: --kinject-max-logprob-drop=inf is invalid; pass a finite number*"),
+        ("--kinject-batch-size=0", "ERROR: --kinject-batch-size=0 is invalid; pass a positive integer"),
+        ("--kinject-top-k=0", "ERROR: --kinject-top-k=0 is invalid; pass a positive integer"),
+        ("--kinject-device=tpu", "ERROR: --kinject-device=tpu is invalid; use auto, cpu, cuda, cuda:N or mps"),
+        ("--kinject-min-retention=95", "ERROR: --kinject-min-retention=95.0 is invalid; pass a fraction between 0 and 1*"),
+        ("--kinject-gate=aggregate", "ERROR: --kinject-gate=aggregate needs a threshold; add --kinject-min-retention*"),
+    ],
+)
+def test_invalid_option_is_usage_error(pytester, option, message):
+    write_jsonl(pytester.path / "f.kinject.jsonl", TWO_FACTS)
+
+    result = pytester.runpytest("--kinject", option)
+
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([message])
+
+
+def test_two_suites_sharing_a_snapshot_are_rejected(pytester, tiny_llama):
+    write_jsonl(pytester.path / "caps.kinject.jsonl", TWO_FACTS)
+    (pytester.path / "caps.kinject.yaml").write_text("facts:\n  - id: other\n    prompt: The sky is\n    expect: blue\n")
+
+    result = pytester.runpytest("--kinject", "--kinject-update", f"--kinject-model={tiny_llama}")
+
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([f"ERROR: suites caps.kinject.jsonl and caps.kinject.yaml would share the snapshot "
+                                 f"__kinject__/caps.{tiny_llama.name}.json; rename one of them*"])
+    assert not (pytester.path / "__kinject__").exists()
+
+
+def test_unwritable_snapshot_dir_is_usage_error(pytester, tiny_llama):
+    write_jsonl(pytester.path / "f.kinject.jsonl", TWO_FACTS)
+    (pytester.path / "afile").write_text("not a folder")
+
+    result = pytester.runpytest("--kinject", "--kinject-update", f"--kinject-model={tiny_llama}",
+                                "--kinject-snapshot-dir=afile")
+
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([f"ERROR: could not write snapshot afile/f.{tiny_llama.name}.json (*); check that its "
+                                 "folder (--kinject-snapshot-dir) can be created and written"])
+
+
+def test_missing_model_reported_before_missing_snapshot(pytester):
+    write_jsonl(pytester.path / "f.kinject.jsonl", TWO_FACTS)
+
+    result = pytester.runpytest("--kinject", "--kinject-model=/no/such/model")
+
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["ERROR: model /no/such/model not found*"])
+
+
+def test_prompt_longer_than_context_is_usage_error(pytester, tiny_llama):
+    long_prompt = "word " * 5000
+    write_jsonl(pytester.path / "f.kinject.jsonl", [{"id": "long", "prompt": long_prompt, "expect": "x"}])
+
+    result = pytester.runpytest("--kinject", "--kinject-update", f"--kinject-model={tiny_llama}")
+
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["ERROR: *f.kinject.jsonl::long: the prompt with its answer or completion takes * "
+                                 "tokens, more than the model's context of *; shorten the prompt"])
+
+
+def test_unpaired_surrogate_in_suite_is_rejected(pytester):
+    (pytester.path / "f.kinject.jsonl").write_text('{"id": "a", "prompt": "The capital of France is\\ud800", '
+                                                   '"expect": "Paris"}\n')
+
+    result = pytester.runpytest("--kinject", "--co")
+
+    result.stdout.fnmatch_lines(["*f.kinject.jsonl:1: fact 'a' contains an unpaired surrogate*"])

@@ -168,3 +168,48 @@ def test_serialisation_round_trip_with_floats_and_unicode(tmp_path_factory, comp
     write_snapshot(snapshot)
 
     assert read_snapshot(path).result("f") == result
+
+
+@pytest.mark.parametrize(
+    ("edit", "problem"),
+    [
+        (lambda result: result.update(answer_logprobs=["x"]), "answer_logprobs must be a list of finite numbers"),
+        (lambda result: result.update(answer_logprobs=[float("nan")]), "answer_logprobs must be a list of finite"),
+        (lambda result: result.pop("top_logprobs"), "missing top_logprobs"),
+        (lambda result: result.update(top_token_ids=None), "top_token_ids must be a list of integers"),
+        (lambda result: result.update(top_logprobs=[-0.25]), "top_token_ids, top_tokens and top_logprobs differ"),
+        (lambda result: result.update(completion=3), "completion and top_tokens must be text"),
+    ],
+)
+def test_hand_edited_entry_is_rejected(tmp_path, edit, problem):
+    path = tmp_path / "s.json"
+    write_snapshot(updated_snapshot(None, path, model=MODEL, settings=SETTINGS, entries={"a": entry("pa")},
+                                    suite_fact_ids=None))
+    data = json.loads(path.read_text())
+    edit(data["facts"]["a"]["result"])
+    path.write_text(json.dumps(data))
+
+    with pytest.raises(SnapshotError) as error:
+        read_snapshot(path)
+
+    message = str(error.value)
+    assert message.startswith(f"{path}: entry 'a' is invalid (")
+    assert problem in message
+    assert message.endswith("delete the file and re-record it with --kinject-update")
+
+
+def test_entry_without_result_is_rejected(tmp_path):
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps({"kinject_snapshot_version": 1, "model": {}, "settings": {}, "versions": {},
+                                "facts": {"a": {"fact": {}}}}))
+
+    with pytest.raises(SnapshotError, match="entry 'a' is invalid \\(it needs a 'fact' and a 'result' object\\)"):
+        read_snapshot(path)
+
+
+def test_binary_file_is_rejected(tmp_path):
+    path = tmp_path / "s.json"
+    path.write_bytes(bytes(range(128, 256)))
+
+    with pytest.raises(SnapshotError, match="not UTF-8 text"):
+        read_snapshot(path)

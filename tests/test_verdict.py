@@ -123,6 +123,8 @@ def test_regex_fact_has_no_logprob():
         (" the city of Parisian", "Paris", "contains", False),
         (" 7.\nNext", "7", "exact", True),
         (" 7 days", "7", "exact", False),
+        (" Paris.\n", "Paris.", "exact", True),
+        (" Paris.\nThe", "^Paris", "regex", True),
         (" U.S.A", "U.S.", "prefix", False),
         (" U.S. of", "U.S.", "prefix", True),
         (" 1945 and", r"19\d\d\b", "regex", True),
