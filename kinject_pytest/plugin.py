@@ -94,6 +94,11 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "kinject: a fact from a kinject suite")
     if config.getoption("kinject"):
         config.pluginmanager.register(KinjectPlugin(config), "kinject-session")
+        return
+    for flag in ("update", "adapter", "candidate", "report"):
+        if config.getoption(f"kinject_{flag}"):
+            raise pytest.UsageError(f"--kinject-{flag} has no effect without --kinject; add --kinject to run the "
+                                    "knowledge gate")
 
 
 def _setting(config: pytest.Config, name: str, convert: Any = str) -> Any:

@@ -209,3 +209,11 @@ def test_unpaired_surrogate_in_suite_is_rejected(pytester):
     result = pytester.runpytest("--kinject", "--co")
 
     result.stdout.fnmatch_lines(["*f.kinject.jsonl:1: fact 'a' contains an unpaired surrogate*"])
+
+
+def test_kinject_flag_without_kinject_is_usage_error(pytester):
+    result = pytester.runpytest("--kinject-candidate=somewhere")
+
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["ERROR: --kinject-candidate has no effect without --kinject; add --kinject to run "
+                                 "the knowledge gate"])
