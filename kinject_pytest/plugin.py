@@ -36,7 +36,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--kinject-candidate", metavar="REF", default=None,
                     help="A full or merged fine-tuned checkpoint to check instead of the base (folder, hub id, .gguf).")
     group.addoption("--kinject-device", metavar="DEVICE", default=None,
-                    help="Device to score on: auto (CUDA when available), cpu, cuda, cuda:N (ini: kinject_device).")
+                    help="Device to score on: auto (CUDA when available), cpu, cuda, cuda:N, mps (ini: kinject_device).")
     group.addoption("--kinject-dtype", metavar="DTYPE", default=None, choices=("float32", "bfloat16", "float16"),
                     help="Dtype of the model weights: float32 (default), bfloat16, float16 (ini: kinject_dtype).")
     group.addoption("--kinject-batch-size", metavar="N", type=int, default=None,
@@ -50,9 +50,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="Tolerance on the drop of the expected answer's log-probability, in nats; default 1.0 "
                          "(ini: kinject_max_logprob_drop). Suite and fact tolerances win over it.")
     group.addoption("--kinject-report", metavar="PATH", action="append", default=[],
-                    help="Write a report of every fact's verdict to PATH: .json (all numbers) or .md (summary for "
-                         "a pull request); repeat for several. The Markdown is also appended to $GITHUB_STEP_SUMMARY "
-                         "when that variable is set.")
+                    help="Write a report of every fact's verdict to PATH: .json (all numbers), .md (summary for "
+                         "a pull request) or .html (one page with plots); repeat for several. The Markdown summary is "
+                         "also appended to $GITHUB_STEP_SUMMARY when that variable is set.")
     group.addoption("--kinject-snapshot-dir", metavar="DIR", default=None,
                     help="Folder for snapshot files instead of __kinject__/ beside each suite (ini: kinject_snapshot_dir).")
 
