@@ -234,7 +234,13 @@ class KinjectPlugin:
 
         paths = self.config.getoption("kinject_report")
         data = report_data(self.session.outcomes.values(), self.options, self.session.summary)
-        write_reports(paths, data)
+        try:
+            write_reports(paths, data)
+        except OSError as error:
+            # The tests have run by now; a report that cannot be written must not hide their outcome.
+            terminalreporter.write_line(f"kinject: could not write the reports ({error}); check the --kinject-report "
+                                        "paths", red=True)
+            return
         for path in paths:
             terminalreporter.write_line(f"report written: {path}")
         summary = append_step_summary(markdown_report(data))

@@ -217,3 +217,16 @@ def test_kinject_flag_without_kinject_is_usage_error(pytester):
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["ERROR: --kinject-candidate has no effect without --kinject; add --kinject to run "
                                  "the knowledge gate"])
+
+
+def test_unwritable_report_is_reported_without_traceback(pytester, tiny_llama):
+    write_jsonl(pytester.path / "f.kinject.jsonl", TWO_FACTS)
+    (pytester.path / "afile").write_text("not a folder")
+    model = f"--kinject-model={tiny_llama}"
+    pytester.runpytest("--kinject", "--kinject-update", model)
+
+    result = pytester.runpytest("--kinject", model, "--kinject-report=afile/report.json")
+
+    result.assert_outcomes(skipped=2)
+    result.stdout.fnmatch_lines(["kinject: could not write the reports (*); check the --kinject-report paths"])
+    assert "Traceback" not in result.stdout.str()
