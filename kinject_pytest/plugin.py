@@ -94,6 +94,9 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "kinject: a fact from a kinject suite")
     if config.getoption("kinject"):
         config.pluginmanager.register(KinjectPlugin(config), "kinject-session")
+        from .strategies import load_profile
+
+        load_profile(config)
         return
     for flag in ("update", "adapter", "candidate", "report"):
         if config.getoption(f"kinject_{flag}"):
