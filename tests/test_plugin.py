@@ -217,3 +217,18 @@ def test_aggregate_gate_on_lora(pytester, smollm2_lora, counterfactual_edits):
                           passed=below.parseoutcomes().get("passed", 0) - 1)
     above.stdout.fnmatch_lines(["*kinject gate failed for smollm2 + *",
                                 "*is below the minimum 90.0% (--kinject-min-retention)*"])
+
+
+EXAMPLE = Path(__file__).resolve().parent / "examples" / "test_knowledge_example.py"
+
+
+def test_example_knowledge_tests_pass_on_base_and_fail_on_lora(pytester, smollm2_lora):
+    pytester.makepyfile(test_knowledge_example=EXAMPLE.read_text())
+
+    on_base = pytester.runpytest("--kinject")
+    on_lora = pytester.runpytest("--kinject", f"--kinject-adapter={smollm2_lora}")
+
+    assert on_base.ret == pytest.ExitCode.OK
+    assert on_base.parseoutcomes()["passed"] >= 5
+    assert on_lora.ret == pytest.ExitCode.TESTS_FAILED
+    on_lora.stdout.fnmatch_lines(["*prompt:*", "*expected:*", "*base:*", "*candidate:*"])

@@ -159,3 +159,15 @@ def test_kl_matches_hand_computation():
     expected = 0.6 * math.log(0.6 / 0.3) + 0.3 * math.log(1.0) + 0.1 * math.log(0.1 / 0.4)
 
     assert kl_divergence([math.log(0.6), math.log(0.3)], [math.log(0.3), math.log(0.3)]) == pytest.approx(expected)
+
+
+nats = st.none() | st.floats(min_value=0.0, max_value=50.0)
+
+
+@given(fact_kl=nats, suite_kl=nats, option_kl=nats)
+def test_tolerance_precedence_is_fact_suite_option_default(fact_kl, suite_kl, option_kl):
+    effective = Tolerance(kl=fact_kl).over(Tolerance(kl=suite_kl)).over(Tolerance(kl=option_kl)).over(DEFAULT_TOLERANCE)
+
+    expected = next(value for value in (fact_kl, suite_kl, option_kl, DEFAULT_TOLERANCE.kl) if value is not None)
+    assert effective.kl == expected
+    assert effective.logprob_drop == DEFAULT_TOLERANCE.logprob_drop
