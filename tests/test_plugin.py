@@ -222,7 +222,7 @@ def test_aggregate_gate_on_lora(pytester, smollm2_lora, counterfactual_edits):
 EXAMPLE = Path(__file__).resolve().parent / "examples" / "test_knowledge_example.py"
 
 
-def test_example_knowledge_tests_pass_on_base_and_fail_on_lora(pytester, smollm2_lora):
+def test_example_file_on_base_and_lora(pytester, smollm2_lora):
     pytester.makepyfile(test_knowledge_example=EXAMPLE.read_text())
 
     on_base = pytester.runpytest("--kinject")
