@@ -223,7 +223,8 @@ EXAMPLE = Path(__file__).resolve().parent / "examples" / "test_knowledge_example
 
 
 def test_example_file_on_base_and_lora(pytester, smollm2_lora):
-    pytester.makepyfile(test_knowledge_example=EXAMPLE.read_text())
+    # Another module name, because the outer run has already imported tests/examples/ under the original one.
+    pytester.makepyfile(test_copied_example=EXAMPLE.read_text())
 
     on_base = pytester.runpytest("--kinject")
     on_lora = pytester.runpytest("--kinject", f"--kinject-adapter={smollm2_lora}")
