@@ -5,6 +5,10 @@ list, so they are keyed by fact id first (``file::id`` when an id occurs in more
 which makes the comparison independent of their order. Numbers are compared with an absolute
 tolerance, so float noise from another machine or library build is not listed. This module must
 not import torch, so the command starts quickly; a test checks that it does not.
+
+A report of several candidates (``--kinject-each-adapter``) is compared one candidate at a time:
+``--candidate NAME`` picks the candidate of every such report, ``--old-candidate`` and
+``--new-candidate`` pick it per side, so two candidates of one report can be compared too.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import Any, Sequence
 from deepdiff import DeepDiff
 
 from .export import REPORT_VERSION
+from .html import candidate_reports
 from .snapshot import SNAPSHOT_VERSION
 
 REPORT = "report"
@@ -121,6 +126,9 @@ def load_document(path: Path) -> tuple[str, dict[str, Any]]:
     if version != expected_version:
         raise InputError(f"{path}: {kind} format version {version!r} is not {expected_version}, the one this kinject "
                          f"reads; write the {kind} again with this version of kinject")
+    if kind == REPORT and "candidates" in data:
+        _check_candidates(path, data["candidates"])
+        return kind, data
     if "facts" not in data:
         raise InputError(f"{path}: missing key 'facts'; write the {kind} again with kinject")
     if kind == REPORT:
@@ -137,6 +145,40 @@ def _document_kind(path: Path, data: Any) -> str:
         raise InputError(f"{path}: not a kinject report or snapshot (expected exactly one of the keys "
                          f"{' or '.join(VERSION_KEYS.values())}); pass {HOW_TO_MAKE}")
     return kinds[0]
+
+
+def _check_candidates(path: Path, candidates: Any) -> None:
+    if not isinstance(candidates, list) or not all(isinstance(entry, dict) and isinstance(entry.get("name"), str)
+                                                   and "facts" in entry for entry in candidates):
+        raise InputError(f"{path}: 'candidates' is not a list of candidate reports with a 'name' and 'facts'; "
+                         "write the report again with kinject")
+    for entry in candidates:
+        report_fact_keys(path, entry["facts"])
+
+
+def select_candidate(path: Path, data: dict[str, Any], name: str | None, *, common: str | None = None,
+                     option: str) -> tuple[str, dict[str, Any]]:
+    """Return the label and the single-candidate report of candidate ``name`` (else ``common``) in a report.
+
+    A single-candidate report is returned whole, labelled with its path: ``common`` does not apply to
+    it and ``name`` must be None. Raises :class:`InputError` when a report of several candidates
+    gets no name or an unknown one.
+    """
+    if "candidates" not in data:
+        if name is not None:
+            raise InputError(f"{path} is a report of one candidate; drop {option}, which picks a candidate of a "
+                             "report written with --kinject-each-adapter")
+        return str(path), data
+    reports = dict(candidate_reports(data))
+    names = ", ".join(reports) or "none"
+    if name is None:
+        name, option = common, "--candidate"
+    if name is None:
+        raise InputError(f"{path} is a report of several candidates ({names}); pick one with --candidate NAME, "
+                         "or with --old-candidate / --new-candidate")
+    if name not in reports:
+        raise InputError(f"{path} has no candidate {name!r} (it has {names}); pass one of those to {option}")
+    return f"{path}[{name}]", reports[name]
 
 
 def report_fact_keys(path: Path, facts: Any) -> list[tuple[str, str]]:
@@ -172,16 +214,30 @@ def _ids_are_unique(path: Path, data: dict[str, Any]) -> bool:
 # Comparing
 
 
-def compare_files(old_path: Path, new_path: Path, abs_tol: float = DEFAULT_ABS_TOL) -> Comparison:
+def compare_files(old_path: Path, new_path: Path, abs_tol: float = DEFAULT_ABS_TOL, *, candidate: str | None = None,
+                  old_candidate: str | None = None, new_candidate: str | None = None) -> Comparison:
     """Compare two reports or two snapshots, counting numbers closer than ``abs_tol`` as equal.
 
-    Raises :class:`InputError` when a file cannot be read or the two are not of the same kind.
+    In a report of several candidates, ``old_candidate`` or ``new_candidate`` picks the candidate
+    compared, and ``candidate`` picks it for the sides without their own.
+    Raises :class:`InputError` when a file cannot be read, the two are not of the same kind, or a
+    report of several candidates gets no candidate name or an unknown one.
     """
     old_kind, old_data = load_document(old_path)
     new_kind, new_data = load_document(new_path)
     if old_kind != new_kind:
         raise InputError(f"{old_path} is a {old_kind} but {new_path} is a {new_kind}; compare two reports "
                          "(--kinject-report FILE.json) or two snapshots (__kinject__/*.json)")
+
+    old_label, new_label = str(old_path), str(new_path)
+    if old_kind == REPORT:
+        old_label, old_data = select_candidate(old_path, old_data, old_candidate, common=candidate,
+                                               option="--old-candidate")
+        new_label, new_data = select_candidate(new_path, new_data, new_candidate, common=candidate,
+                                               option="--new-candidate")
+    elif candidate is not None or old_candidate is not None or new_candidate is not None:
+        raise InputError(f"{old_path} and {new_path} are snapshots, which hold no candidates; drop --candidate, "
+                         "--old-candidate and --new-candidate")
 
     if old_kind == REPORT:
         # Key by id alone when ids are unique, so a suite moved to another folder still lines up
@@ -190,7 +246,7 @@ def compare_files(old_path: Path, new_path: Path, abs_tol: float = DEFAULT_ABS_T
         old_data = keyed_report(old_path, old_data, by_file)
         new_data = keyed_report(new_path, new_data, by_file)
 
-    comparison = Comparison(old_kind, str(old_path), str(new_path), abs_tol)
+    comparison = Comparison(old_kind, old_label, new_label, abs_tol)
     _collect_changes(comparison, old_data, new_data)
     return comparison
 
@@ -428,6 +484,15 @@ def build_parser() -> argparse.ArgumentParser:
                       help="absolute tolerance for every number; log-probabilities and KL are in nats, so this "
                            "is nats for them (default: %(default)g)")
     diff.add_argument("--json", action="store_true", help="print the changes as one JSON object instead of text")
+    diff.add_argument("--candidate", metavar="NAME", default=None,
+                      help="the candidate to compare in each report of several candidates (--kinject-each-adapter); "
+                           "NAME is the bracketed name in its test ids")
+    diff.add_argument("--old-candidate", metavar="NAME", default=None,
+                      help="the candidate to compare in OLD when it is a report of several candidates; "
+                           "overrides --candidate")
+    diff.add_argument("--new-candidate", metavar="NAME", default=None,
+                      help="the candidate to compare in NEW when it is a report of several candidates; "
+                           "overrides --candidate")
     return parser
 
 
@@ -440,7 +505,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_ERROR
 
     try:
-        comparison = compare_files(arguments.old, arguments.new, arguments.abs_tol)
+        comparison = compare_files(arguments.old, arguments.new, arguments.abs_tol, candidate=arguments.candidate,
+                                   old_candidate=arguments.old_candidate, new_candidate=arguments.new_candidate)
     except InputError as error:
         print(f"kinject diff: error: {error}", file=sys.stderr)
         return EXIT_ERROR

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from .files import write_text_atomically
-from .html import html_report
-from .session import Options, Outcome, RunSummary, display_path
+from .html import SHARED_REPORT_KEYS, candidate_reports, html_report
+from .session import BASE_RESULTS_TEXT, BASE_WEIGHTS_TEXT, CandidateRun, Options, Outcome, RunSummary, display_path
 from .stats import per_tag_stats, retention_stats
 from .verdict import DEFAULT_TOLERANCE, REGRESSED
 
@@ -63,6 +63,37 @@ def report_data(outcomes: Iterable[Outcome], options: Options, summary: RunSumma
         "tags": {tag: _json_numbers(dataclasses.asdict(stats)) for tag, stats in per_tag_stats(outcomes).items()},
         "facts": facts,
     }
+
+
+def session_report_data(runs: Sequence[CandidateRun], options: Options, summary: RunSummary) -> dict[str, Any]:
+    """Build the report of a whole run: :func:`report_data`'s shape for one candidate, else one entry per candidate.
+
+    Every report says where the base results came from (``base_results``: snapshot, recorded or
+    live). An adapter candidate also says which copy of the base weights it was attached to
+    (``base_weights``: shared or reloaded; None for other candidates). With several candidates
+    (``--kinject-each-adapter``) the report keeps the version, base, run and base results at the top
+    and lists each candidate's report, without those keys, under ``candidates`` with its ``name``,
+    ``adapters`` and ``error``. :func:`kinject_pytest.html.candidate_reports` turns it back into
+    single-candidate reports.
+    """
+    parts = []
+    for run in runs:
+        data = report_data(run.outcomes.values(), options.for_candidate(run.spec), summary)
+        data.update(base_results=summary.base_results, base_weights=run.base_weights)
+        parts.append((run, data))
+    if len(parts) == 1 and not parts[0][0].spec.name:
+        return parts[0][1]
+
+    first = parts[0][1] if parts else report_data([], options, summary)
+    combined = {key: first[key] for key in SHARED_REPORT_KEYS if key in first}
+    combined["base_results"] = summary.base_results
+    combined["settings"] = {**first["settings"], "adapters": list(options.adapters), "each_adapter": True}
+    combined["candidates"] = [
+        {"name": run.spec.name, "adapters": list(run.spec.adapters), "error": run.error,
+         **{key: value for key, value in data.items() if key not in SHARED_REPORT_KEYS}}
+        for run, data in parts
+    ]
+    return combined
 
 
 def _fact_entry(outcome: Outcome, options: Options) -> dict[str, Any]:
@@ -167,23 +198,58 @@ def append_step_summary(markdown: str) -> Path | None:
 
 
 def markdown_report(data: dict[str, Any]) -> str:
-    """Render a report dict from :func:`report_data` as a short Markdown document for a pull request."""
+    """Render a report dict from :func:`session_report_data` as a short Markdown document for a pull request.
+
+    A report of several candidates starts with one table row per candidate, then has one section per candidate.
+    """
+    if "candidates" not in data:
+        return _candidate_markdown(data)
+    lines = [
+        f"## kinject: {len(data['candidates'])} candidates against {_inline(data['base'])}",
+        "",
+        "| candidate | retained | regressed | gained | unknown | retention |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    sections = []
+    for name, report in candidate_reports(data):
+        stats = report["stats"]
+        retention = "not judged" if report.get("error") else (
+            "n/a" if stats["retention_rate"] is None else _percent(stats["retention_rate"]))
+        lines.append(f"| {_cell(name)} | {stats['retained']} | {stats['regressed']} | {stats['gained']} | "
+                     f"{stats['unknown']} | {retention} |")
+        sections.append(_candidate_markdown(report, heading=f"### {_cell(name)}: {_inline(report['candidate'])}"))
+    return "\n".join(lines + [""] + sections)
+
+
+def _candidate_markdown(data: dict[str, Any], heading: str | None = None) -> str:
     stats = data["stats"]
     errors = sum(1 for fact in data["facts"] if fact["verdict"] == ERROR_STATUS)
     lines = [
-        f"## kinject: {_inline(data['candidate'])}",
+        heading or f"## kinject: {_inline(data['candidate'])}",
         "",
-        f"Base model: {_inline(data['base'])}. {len(data['facts'])} facts.",
+        " ".join(filter(None, [f"Base model: {_inline(data['base'])}. {len(data['facts'])} facts.", _base_sentence(data)])),
         "",
         "| retained | regressed | gained | unknown | without snapshot entry |",
         "|---:|---:|---:|---:|---:|",
         f"| {stats['retained']} | {stats['regressed']} | {stats['gained']} | {stats['unknown']} | {errors} |",
         "",
     ]
+    if data.get("error"):
+        lines += [f"Not judged: {_inline(data['error'])}", ""]
     lines += _statistics_lines(stats)
     lines += _tag_table(data["tags"])
     lines += _worst_regressions_table(data["facts"])
     return "\n".join(lines)
+
+
+def _base_sentence(data: dict[str, Any]) -> str:
+    """Return where the base results came from and, for an adapter, which copy of the base weights it used."""
+    sentences = []
+    if data.get("base_results") in BASE_RESULTS_TEXT:
+        sentences.append(f"Base results {BASE_RESULTS_TEXT[data['base_results']]}.")
+    if data.get("base_weights") in BASE_WEIGHTS_TEXT:
+        sentences.append(f"Base weights: {BASE_WEIGHTS_TEXT[data['base_weights']]}.")
+    return " ".join(sentences)
 
 
 def _statistics_lines(stats: dict[str, Any]) -> list[str]:

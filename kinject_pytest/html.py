@@ -28,6 +28,21 @@ VERDICT_ORDER = (REGRESSED, ERROR_STATUS, GAINED, RETAINED, UNKNOWN)
 
 TAG_LABEL_CHARACTERS = 24  # longer tag names are cut in the plots, with the full name in a tooltip
 
+# Keys that a report of several candidates keeps once at the top; every other key is per candidate.
+SHARED_REPORT_KEYS = ("kinject_report_version", "base", "run", "base_results")
+
+# Sentences for the report's base_results and base_weights values (kinject_pytest.session's
+# BASE_RESULTS_TEXT and BASE_WEIGHTS_TEXT, repeated for the reason above; a test checks that they match).
+BASE_RESULTS_TEXT = {
+    "snapshot": "read from the snapshot",
+    "recorded": "scored in this run and written to the snapshot",
+    "live": "scored in this run (--kinject-live-base), not written to the snapshot",
+}
+BASE_WEIGHTS_TEXT = {
+    "shared": "one copy: the adapter was attached to the base already in memory",
+    "reloaded": "a clean copy of the base, loaded again because the previous adapter changed the base in place",
+}
+
 _RETAINED_COLOR = "#3a9a5b"
 _REGRESSED_COLOR = "#d0453a"
 _BAR_COLOR = "#4a78b5"
@@ -35,15 +50,38 @@ _AXIS_COLOR = "#555"
 _GRID_COLOR = "#e3e3e3"
 
 
+def candidate_reports(data: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """Return ``(name, report)`` for each candidate of a report, each report in the single-candidate shape.
+
+    A single-candidate report is returned as it is, named "". A report of several candidates
+    (``candidates`` instead of ``facts``) gives each candidate its entry plus the shared keys.
+    """
+    if "candidates" not in data:
+        return [("", data)]
+    shared = {key: data[key] for key in SHARED_REPORT_KEYS if key in data}
+    return [(entry["name"], {**shared, **{key: value for key, value in entry.items() if key != "name"}})
+            for entry in data["candidates"]]
+
+
 def html_report(data: dict[str, Any]) -> str:
-    """Render a report dict from :func:`~kinject_pytest.export.report_data` as one HTML page.
+    """Render a report dict from :func:`~kinject_pytest.export.session_report_data` as one HTML page.
 
     The page shows the run's counts and statistics, three SVG plots (retention per tag, the change
     in log p(expected) over facts the base knows, mean KL per tag) and a table of every fact,
-    regressed facts first, that sorts by any column when its header is clicked.
+    regressed facts first, that sorts by any column when its header is clicked. A report of several
+    candidates gets one such section per candidate.
     """
-    tags = _tags_in_plot_order(data["tags"])
-    title = f"kinject: {data['candidate']}"
+    reports = candidate_reports(data)
+    if "candidates" in data:
+        title = f"kinject: {len(reports)} candidates against {data['base']}"
+        body = [f"<h1>{_escape(title)}</h1>"]
+        for index, (name, report) in enumerate(reports):
+            body += [f'<section class="candidate" id="candidate-{index}">',
+                     _candidate_body(report, f"facts-{index}", heading=f"{name}: {report['candidate']}"),
+                     "</section>"]
+    else:
+        title = f"kinject: {data['candidate']}"
+        body = [_candidate_body(data, "facts")]
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
@@ -54,23 +92,30 @@ def html_report(data: dict[str, Any]) -> str:
         f"<title>{_escape(title)}</title>",
         f"<style>{_STYLE}</style>",
         "</head><body>",
-        _header(data),
-        '<section class="plots">',
-        f'<figure class="wide">{_logprob_change_histogram(data["facts"])}</figure>',
-        f"<figure>{_retention_plot(tags)}</figure>",
-        f"<figure>{_kl_plot(tags)}</figure>",
-        "</section>",
-        _fact_table(data["facts"]),
+        *body,
         f"<script>{_SCRIPT}</script>",
         "</body></html>",
     ]
     return "\n".join(parts) + "\n"
 
 
+def _candidate_body(data: dict[str, Any], table_id: str, heading: str | None = None) -> str:
+    tags = _tags_in_plot_order(data["tags"])
+    return "\n".join([
+        _header(data, heading),
+        '<section class="plots">',
+        f'<figure class="wide">{_logprob_change_histogram(data["facts"])}</figure>',
+        f"<figure>{_retention_plot(tags)}</figure>",
+        f"<figure>{_kl_plot(tags)}</figure>",
+        "</section>",
+        _fact_table(data["facts"], table_id),
+    ])
+
+
 # Header
 
 
-def _header(data: dict[str, Any]) -> str:
+def _header(data: dict[str, Any], heading: str | None = None) -> str:
     stats = data["stats"]
     facts = data["facts"]
     errors = sum(1 for fact in facts if fact["verdict"] == ERROR_STATUS)
@@ -116,12 +161,22 @@ def _header(data: dict[str, Any]) -> str:
         kl,
     ]
 
+    if data.get("error"):
+        banner = f'<p class="banner fail">Not judged: {_escape(data["error"])}</p>'
+    origin = []
+    if data.get("base_results") in BASE_RESULTS_TEXT:
+        origin.append(f"Base results {BASE_RESULTS_TEXT[data['base_results']]}.")
+    if data.get("base_weights") in BASE_WEIGHTS_TEXT:
+        origin.append(f"Base weights: {BASE_WEIGHTS_TEXT[data['base_weights']]}.")
+    title = f"<h2>{_escape(heading)}</h2>" if heading else f"<h1>kinject report: {_escape(data['candidate'])}</h1>"
+
     return "\n".join([
         "<header>",
-        f"<h1>kinject report: {_escape(data['candidate'])}</h1>",
+        title,
         f'<p class="meta">Candidate <b>{_escape(data["candidate"])}</b> against base <b>{_escape(data["base"])}</b>. '
         f"{len(facts)} facts. Device {_escape(settings['device'])}, {_escape(settings['dtype'])}, "
-        f"batch size {settings['batch_size']}, top-k {settings['top_k']}.</p>",
+        f"batch size {settings['batch_size']}, top-k {settings['top_k']}."
+        + "".join(" " + _escape(sentence) for sentence in origin) + "</p>",
         banner,
         f'<div class="cards">{"".join(cards)}</div>',
         "</header>",
@@ -419,7 +474,7 @@ _COLUMNS = (
 )
 
 
-def _fact_table(facts: Sequence[dict[str, Any]]) -> str:
+def _fact_table(facts: Sequence[dict[str, Any]], table_id: str = "facts") -> str:
     if not facts:
         return '<section><h2>Facts</h2><p class="muted">The report has no facts.</p></section>'
 
@@ -433,7 +488,7 @@ def _fact_table(facts: Sequence[dict[str, Any]]) -> str:
         '<p class="muted">Regressed facts come first, largest drop first. Click a column header to sort by it, '
         "and again to reverse. Log-probabilities, drops and KL are in nats; drop is base minus candidate "
         "log p(expected).</p>",
-        f'<table id="facts"><thead><tr>{headers}</tr></thead><tbody>',
+        f'<table id="{_escape(table_id)}" class="facts"><thead><tr>{headers}</tr></thead><tbody>',
         "\n".join(rows),
         "</tbody></table>",
         "</section>",
@@ -536,11 +591,9 @@ td.n{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 td.v{font-weight:600;white-space:nowrap}
 """
 
-# Sorts the fact table by the clicked column, and a second click on the same column reverses the order.
+# Sorts a fact table by the clicked column, and a second click on the same column reverses the order.
 _SCRIPT = """
-(function () {
-  var table = document.getElementById("facts");
-  if (!table) return;
+Array.prototype.forEach.call(document.querySelectorAll("table.facts"), function (table) {
   var headers = table.tHead.rows[0].cells;
   function sortBy(column) {
     var header = headers[column];
@@ -572,5 +625,5 @@ _SCRIPT = """
       if (event.key === "Enter" || event.key === " ") { event.preventDefault(); sortBy(column); }
     });
   });
-})();
+});
 """

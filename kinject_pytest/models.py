@@ -12,6 +12,7 @@ message, and the plugin turns that into a usage error.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -440,6 +441,65 @@ def attach_adapters(base: LoadedModel, adapter_dirs: list[str]) -> LoadedModel:
     )
     return LoadedModel(base.reference, model, base.tokenizer, base.device, base.dtype, fingerprint,
                        adapters=tuple(adapter_dirs))
+
+
+def replace_adapter(adapted: LoadedModel, adapter_dir: str) -> LoadedModel:
+    """Load the adapter in ``adapter_dir`` into ``adapted``'s PEFT model in place of its current one.
+
+    The new adapter sits on the same in-memory base weights. PEFT's ``delete_adapter`` removes the
+    old adapter's layers and its ``modules_to_save`` copies, but not biases it loaded into the base
+    (``bias`` other than "none"): check the base with :func:`base_logits` before calling this.
+    """
+    model = adapted.model
+    config = _read_adapter_config(adapter_dir)
+    base = LoadedModel(adapted.reference, model.get_base_model(), adapted.tokenizer, adapted.device, adapted.dtype,
+                       adapted.fingerprint)
+    _check_adapter_task(adapter_dir, config, base)
+    previous = list(model.peft_config)
+    name = next(f"adapter_{index}" for index in range(len(previous) + 1) if f"adapter_{index}" not in previous)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = model.load_adapter(adapter_dir, adapter_name=name)
+    except (RuntimeError, ValueError, KeyError) as error:
+        first_line = str(error).strip().splitlines()[0]
+        raise ModelError(
+            f"adapter {adapter_dir} does not fit base model {adapted.reference} ({first_line}); "
+            "pass the base it was trained on with --kinject-model"
+        ) from error
+    _reraise_other_warnings(caught)
+    missing = [key for key in result.missing_keys if f".{name}." in key]
+    if missing:
+        raise ModelError(
+            f"adapter {adapter_dir} is missing weights that its adapter_config.json declares "
+            f"({_shorten(missing[0])}); re-save the adapter with PeftModel.save_pretrained()"
+        )
+
+    model.set_adapter(name)
+    for old_name in previous:
+        model.delete_adapter(old_name)
+    model.eval()
+    fingerprint = dataclasses.replace(adapted.fingerprint, adapters=(_hash_adapter_weights(Path(adapter_dir)),))
+    return LoadedModel(adapted.reference, model, adapted.tokenizer, adapted.device, adapted.dtype, fingerprint,
+                       adapters=(adapter_dir,))
+
+
+def base_logits(loaded: LoadedModel, text: str) -> Any:
+    """Return the base model's logits on ``text`` (shape 1 x tokens x vocabulary), adapters disabled.
+
+    PEFT's ``disable_adapter()`` bypasses the LoRA layers and uses the original of every
+    ``modules_to_save`` module (peft 0.4 and later), but biases that an adapter trained
+    (``bias`` "all" or "lora_only") were loaded into the base's own parameters and stay, so then the
+    result is not the base's: peft warns about it, and the caller compares against the base's logits.
+    """
+    import torch
+
+    tokens = loaded.tokenizer(text, return_tensors="pt").input_ids.to(loaded.device)
+    disabled = loaded.model.disable_adapter() if loaded.adapters else contextlib.nullcontext()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # peft's warning about biases; the caller's comparison decides
+        with disabled:
+            return loaded.model(tokens).logits
 
 
 def _reraise_other_warnings(caught: list[warnings.WarningMessage]) -> None:

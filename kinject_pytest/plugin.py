@@ -32,7 +32,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="Base model: a local model folder, a hub id, a .gguf file, or 'smollm2' (the default; "
                          "ini: kinject_model).")
     group.addoption("--kinject-adapter", metavar="DIR", action="append", default=[],
-                    help="PEFT adapter folder applied to the base to form the candidate; repeat to apply several.")
+                    help="PEFT adapter folder applied to the base to form the candidate; repeat to apply several "
+                         "together, or to judge each on its own with --kinject-each-adapter.")
+    group.addoption("--kinject-each-adapter", action="store_true", default=None,
+                    help="Judge every --kinject-adapter on its own against the base, one after another, instead of "
+                         "applying them together; each fact gets one test item per adapter, with the adapter's "
+                         "folder name in brackets (ini: kinject_each_adapter).")
+    group.addoption("--kinject-live-base", action="store_true", default=None,
+                    help="Score the base model in this run and compare against those results instead of the "
+                         "snapshot's, without writing the snapshot (ini: kinject_live_base).")
     group.addoption("--kinject-candidate", metavar="REF", default=None,
                     help="A full or merged fine-tuned checkpoint to check instead of the base (folder, hub id, .gguf).")
     group.addoption("--kinject-device", metavar="DEVICE", default=None,
@@ -78,6 +86,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                   default=None)
     parser.addini("kinject_max_regressed", "Maximum number of regressed facts.", default=None)
     parser.addini("kinject_max_mean_kl", "Maximum mean KL over facts the base knows, in nats.", default=None)
+    parser.addini("kinject_each_adapter", "Judge each adapter on its own (default: false).", type="bool",
+                  default=False)
+    parser.addini("kinject_live_base", "Score the base in this run instead of reading the snapshot (default: false).",
+                  type="bool", default=False)
     parser.addini("kinject_model", "Base model reference for kinject (default: smollm2).", default=None)
     parser.addini("kinject_device", "Device kinject scores on (default: auto).", default=None)
     parser.addini("kinject_dtype", "Dtype of the model weights (default: float32).", default=None)
@@ -98,9 +110,10 @@ def pytest_configure(config: pytest.Config) -> None:
 
         load_profile(config)
         return
-    for flag in ("update", "adapter", "candidate", "report"):
+    for flag in ("update", "adapter", "candidate", "report", "each_adapter", "live_base"):
         if config.getoption(f"kinject_{flag}"):
-            raise pytest.UsageError(f"--kinject-{flag} has no effect without --kinject; add --kinject to run the "
+            raise pytest.UsageError(f"--kinject-{flag.replace('_', '-')} has no effect without --kinject; add --kinject "
+                                    "to run the "
                                     "knowledge gate")
 
 
@@ -134,10 +147,15 @@ def _options(config: pytest.Config) -> Any:
         snapshot_dir=Path(snapshot_dir) if snapshot_dir else None,
         tolerance=Tolerance(kl=_setting(config, "max_kl", float),
                             logprob_drop=_setting(config, "max_logprob_drop", float)),
+        each_adapter=bool(config.getoption("kinject_each_adapter") or config.getini("kinject_each_adapter")),
+        live_base=bool(config.getoption("kinject_live_base") or config.getini("kinject_live_base")),
     )
     if options.candidate and options.adapters:
         raise pytest.UsageError("--kinject-candidate and --kinject-adapter cannot be combined; an adapter applies "
                                 "to the base model, so pass the base with --kinject-model")
+    if options.each_adapter and not options.adapters:
+        raise pytest.UsageError("--kinject-each-adapter (ini kinject_each_adapter) needs adapters to judge; pass "
+                                "each one with --kinject-adapter DIR, or drop the option")
     for name, value in (("--kinject-batch-size", options.batch_size), ("--kinject-top-k", options.top_k)):
         if value < 1:
             raise pytest.UsageError(f"{name}={value} is invalid; pass a positive integer")
@@ -209,34 +227,50 @@ class KinjectPlugin:
         reporter = self.config.pluginmanager.get_plugin("terminalreporter")
         progress = reporter.write_line if reporter is not None else print
         self.session = KinjectSession(self.options, progress=progress)
+        facts = list({item.fact_key: item.fact for item in items}.values())
+        selected = {item.outcome_key for item in items}
         try:
-            outcomes = self.session.run([item.fact for item in items], whole_suites=_whole_suites(session, items))
+            outcomes = self.session.run(facts, whole_suites=_whole_suites(session, facts), selected=selected)
         except KinjectUsageError as error:
             raise pytest.UsageError(str(error)) from None
         for item in items:
-            item.stash[outcome_key] = outcomes.get(f"{item.fact.path}::{item.fact.id}")
-        # Added after -k/-m deselection, so the gate judges exactly the selected facts.
+            item.stash[outcome_key] = outcomes.get(item.outcome_key)
+        # Added after -k/-m deselection, so the gate judges exactly the selected facts, once per candidate.
         if self.thresholds.any_set:
-            session.items.append(GateItem.from_parent(session, name="kinject-gate", nodeid="kinject-gate"))
+            for run in self.session.runs:
+                name = f"kinject-gate[{run.spec.name}]" if run.spec.name else "kinject-gate"
+                session.items.append(GateItem.from_parent(session, name=name, nodeid=name, candidate=run.spec.name))
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         if self.session is None or not self.session.outcomes:
             return
         from .report import summary_lines
 
+        from .session import BASE_RESULTS_TEXT, BASE_WEIGHTS_TEXT
+
         terminalreporter.section("kinject")
-        terminalreporter.write_line(f"candidate: {self.options.candidate_label}")
-        for line in summary_lines(self.session.outcomes.values()):
-            terminalreporter.write_line(line)
+        terminalreporter.write_line("base results: " + BASE_RESULTS_TEXT[self.session.summary.base_results])
+        several = len(self.session.runs) > 1
+        for run in self.session.runs:
+            if several:
+                terminalreporter.write_line("")
+            terminalreporter.write_line(f"candidate: {run.label}" + (f" [{run.spec.name}]" if run.spec.name else ""))
+            if run.base_weights is not None:
+                terminalreporter.write_line("base weights: " + BASE_WEIGHTS_TEXT[run.base_weights])
+            if run.error is not None:
+                terminalreporter.write_line(f"not judged: {run.error}", red=True)
+                continue
+            for line in summary_lines(run.outcomes.values()):
+                terminalreporter.write_line(line)
         for path in self.session.summary.snapshots_written:
             terminalreporter.write_line(f"snapshot written: {path}")
         self._write_reports(terminalreporter)
 
     def _write_reports(self, terminalreporter: Any) -> None:
-        from .export import append_step_summary, markdown_report, report_data, write_reports
+        from .export import append_step_summary, markdown_report, session_report_data, write_reports
 
         paths = self.config.getoption("kinject_report")
-        data = report_data(self.session.outcomes.values(), self.options, self.session.summary)
+        data = session_report_data(self.session.runs, self.options, self.session.summary)
         try:
             write_reports(paths, data)
         except OSError as error:
@@ -251,10 +285,10 @@ class KinjectPlugin:
             terminalreporter.write_line(f"report appended to the GitHub step summary {summary}")
 
 
-def _whole_suites(session: pytest.Session, items: list[FactItem]) -> set[Path]:
+def _whole_suites(session: pytest.Session, facts: list[Fact]) -> set[Path]:
     selected: dict[Path, int] = {}
-    for item in items:
-        selected[Path(item.fact.path)] = selected.get(Path(item.fact.path), 0) + 1
+    for fact in facts:
+        selected[Path(fact.path)] = selected.get(Path(fact.path), 0) + 1
     totals = session.config.stash.get(fact_counts_key, {})
     return {path for path, count in selected.items() if totals.get(path) == count}
 
@@ -265,13 +299,17 @@ class SuiteFile(pytest.File):
     def collect(self) -> Any:
         suite = load_suite(self.path)
         self.config.stash.setdefault(fact_counts_key, {})[Path(self.path)] = len(suite.facts)
+        plugin = self.config.pluginmanager.get_plugin("kinject-session")
         for fact in suite.facts:
-            item = FactItem.from_parent(self, name=fact.id, fact=fact)
-            item.add_marker("kinject")
-            for tag in fact.tags:
-                self.config.addinivalue_line("markers", f"{tag}: facts tagged {tag} in kinject suites")
-                item.add_marker(tag)
-            yield item
+            # With --kinject-each-adapter, one item per adapter: "fact-id[adapter-name]".
+            for spec in plugin.options.candidates:
+                name = f"{fact.id}[{spec.name}]" if spec.name else fact.id
+                item = FactItem.from_parent(self, name=name, fact=fact, candidate=spec.name)
+                item.add_marker("kinject")
+                for tag in fact.tags:
+                    self.config.addinivalue_line("markers", f"{tag}: facts tagged {tag} in kinject suites")
+                    item.add_marker(tag)
+                yield item
 
     def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> Any:
         if isinstance(excinfo.value, SuiteError):
@@ -286,9 +324,18 @@ class FactRegressed(Exception):
 class FactItem(pytest.Item):
     """One fact: passes when retained or gained, fails when regressed, skips when unknown."""
 
-    def __init__(self, *, fact: Fact, **kwargs: Any) -> None:
+    def __init__(self, *, fact: Fact, candidate: str = "", **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.fact = fact
+        self.candidate = candidate  # the CandidateSpec name; "" when the run has one candidate
+
+    @property
+    def fact_key(self) -> str:
+        return f"{self.fact.path}::{self.fact.id}"
+
+    @property
+    def outcome_key(self) -> str:
+        return f"{self.fact_key}[{self.candidate}]" if self.candidate else self.fact_key
 
     def runtest(self) -> None:
         from .report import failure_report, skip_reason
@@ -300,6 +347,8 @@ class FactItem(pytest.Item):
         if outcome.error is not None:
             raise FactRegressed(outcome.error)
 
+        if self.candidate:
+            self.user_properties.append(("kinject_candidate", self.candidate))
         verdict = outcome.verdict
         self.user_properties.append(("kinject_verdict", verdict.status))
         if verdict.kl is not None:
@@ -310,7 +359,7 @@ class FactItem(pytest.Item):
             plugin = self.config.pluginmanager.get_plugin("kinject-session")
             if plugin.gate_mode == "aggregate":
                 pytest.xfail(f"regressed ({', '.join(verdict.failed_checks)}); the aggregate gate decides")
-            raise FactRegressed(failure_report(outcome, plugin.options))
+            raise FactRegressed(failure_report(outcome, plugin.session.options_for(self.candidate)))
         if verdict.status == UNKNOWN:
             # Reported at the fact's line in the suite file rather than at this line of the plugin.
             raise pytest.skip.Exception(skip_reason(verdict), _use_item_location=True)
@@ -322,22 +371,30 @@ class FactItem(pytest.Item):
 
     def reportinfo(self) -> tuple[Path, int | None, str]:
         line = self.fact.line - 1 if self.fact.line else None
-        return self.path, line, f"fact {self.fact.id}"
+        return self.path, line, f"fact {self.fact.id}" + (f" [{self.candidate}]" if self.candidate else "")
 
 
 class GateItem(pytest.Item):
-    """The aggregate gate: fails when the selected facts as a whole breach a threshold."""
+    """The aggregate gate of one candidate: fails when its selected facts as a whole breach a threshold."""
+
+    def __init__(self, *, candidate: str = "", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.candidate = candidate
 
     def runtest(self) -> None:
         from .gate import breaches
 
         plugin = self.config.pluginmanager.get_plugin("kinject-session")
-        outcomes = plugin.session.outcomes.values() if plugin.session else []
-        found = breaches([outcome.verdict for outcome in outcomes if outcome.verdict is not None], plugin.thresholds)
+        run = next(run for run in plugin.session.runs if run.spec.name == self.candidate)
+        found = breaches([outcome.verdict for outcome in run.outcomes.values() if outcome.verdict is not None],
+                         plugin.thresholds)
+        if run.error is not None:
+            found = [f"the candidate was not judged: {run.error}"]
         self.user_properties.append(("kinject_gate", "failed" if found else "passed"))
+        if self.candidate:
+            self.user_properties.append(("kinject_candidate", self.candidate))
         if found:
-            raise FactRegressed("kinject gate failed for " + plugin.options.candidate_label + ":\n  "
-                                + "\n  ".join(found))
+            raise FactRegressed("kinject gate failed for " + run.label + ":\n  " + "\n  ".join(found))
 
     def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> Any:
         if isinstance(excinfo.value, FactRegressed):
@@ -345,4 +402,4 @@ class GateItem(pytest.Item):
         return super().repr_failure(excinfo)
 
     def reportinfo(self) -> tuple[str, int | None, str]:
-        return "kinject-gate", None, "kinject aggregate gate"
+        return self.name, None, f"kinject aggregate gate of {self.candidate}" if self.candidate else "kinject aggregate gate"

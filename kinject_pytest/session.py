@@ -4,10 +4,19 @@ The steps, for the facts pytest selected:
 
 1. read each suite's snapshot; facts without a usable entry get an error outcome;
 2. load the base model when anything needs it (recording, an adapter, or no candidate at all);
-3. with ``update``, score the base and write the snapshots;
-4. load the candidate (base + adapters, a full checkpoint, or the base itself) and score it,
-   probing the base's recorded top-k tokens so both distributions share one support;
-5. judge each fact against its snapshot entry.
+3. with ``update``, score the base and write the snapshots; with ``live_base``, score the base and
+   keep its results in memory only, in place of the snapshot's;
+4. for each candidate, one after another: load it (base + adapters, a full checkpoint, or the base
+   itself) and score it, probing the base's recorded top-k tokens so both distributions share one
+   support;
+5. judge each fact against its base results, separately for each candidate.
+
+With ``each_adapter`` every adapter is its own candidate. The base is loaded once and the adapters
+take turns on it. The base is scored before the first adapter is attached, so base and adapter
+share one copy of the weights. Before the next adapter, the base's logits on one prompt, with the
+adapter disabled, must equal the ones computed before the first adapter was attached. An adapter
+that trains biases fails that check, because PEFT loads those biases into the base's own
+parameters, and a clean copy of the base is loaded for the next adapter.
 
 This module does not import pytest: the plugin hands it facts and reads its outcomes.
 """
@@ -15,12 +24,14 @@ This module does not import pytest: the plugin hands it facts and reads its outc
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import re
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from .engine import DEFAULT_BATCH_SIZE, FactResult, Query, Scorer, ScoringError, ScoringSettings
 from .models import (
@@ -29,11 +40,13 @@ from .models import (
     LoadedModel,
     ModelError,
     attach_adapters,
+    base_logits,
     cache_dir,
     check_reference,
     is_cached,
     load_model,
     model_slug,
+    replace_adapter,
 )
 from .snapshot import (
     Snapshot,
@@ -77,6 +90,22 @@ class Options:
     top_k: int = 20
     snapshot_dir: Path | None = None
     tolerance: Tolerance = Tolerance()  # from the command line or ini file; suites and facts win over it
+    each_adapter: bool = False  # judge each adapter on its own instead of applying them together
+    live_base: bool = False  # score the base in this run instead of reading its snapshot results
+
+    @property
+    def candidates(self) -> list[CandidateSpec]:
+        """Return the candidates of this run: one, or one per adapter with ``each_adapter``."""
+        if not self.each_adapter:
+            return [CandidateSpec("", self.adapters)]
+        names = candidate_names(self.adapters)
+        return [CandidateSpec(name, (adapter,)) for name, adapter in zip(names, self.adapters)]
+
+    def for_candidate(self, spec: CandidateSpec) -> Options:
+        """Return these options as a single-candidate run of ``spec`` would have them, for labels and reports."""
+        if not self.each_adapter:
+            return self
+        return dataclasses.replace(self, adapters=spec.adapters, each_adapter=False)
 
     @property
     def candidate_label(self) -> str:
@@ -96,6 +125,56 @@ class Options:
 
 
 @dataclass(frozen=True)
+class CandidateSpec:
+    """One candidate of a run: its name in test ids ("" when the run has one candidate) and its adapters."""
+
+    name: str
+    adapters: tuple[str, ...]
+
+
+def candidate_names(adapters: tuple[str, ...]) -> list[str]:
+    """Return a unique test-id name for each adapter folder, made from the folder's name.
+
+    Characters other than letters, digits, ``.``, ``_`` and ``-`` become ``-``, so the name reads the
+    same in ``-k`` expressions and JUnit XML. A repeated name gets ``-2``, ``-3``, ... appended.
+    """
+    names: list[str] = []
+    for adapter in adapters:
+        stem = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(adapter).expanduser().resolve().name).strip("-") or "adapter"
+        name, number = stem, 1
+        while name in names:
+            number += 1
+            name = f"{stem}-{number}"
+        names.append(name)
+    return names
+
+
+def outcome_key(fact: Fact, candidate: str = "") -> str:
+    """Return the key of a fact's outcome for one candidate: ``file::id``, or ``file::id[name]``."""
+    key = f"{fact.path}::{fact.id}"
+    return f"{key}[{candidate}]" if candidate else key
+
+
+# Where a candidate's base results came from (RunSummary.base_results), and which copy of the base
+# weights an adapter was attached to (CandidateRun.base_weights).
+BASE_FROM_SNAPSHOT = "snapshot"
+BASE_RECORDED = "recorded"  # scored in this run and written to the snapshot (--kinject-update)
+BASE_LIVE = "live"  # scored in this run and kept in memory only (--kinject-live-base)
+WEIGHTS_SHARED = "shared"  # the adapter was attached to the base already in memory
+WEIGHTS_RELOADED = "reloaded"  # a clean copy of the base was loaded for this adapter
+
+BASE_RESULTS_TEXT = {
+    BASE_FROM_SNAPSHOT: "read from the snapshot",
+    BASE_RECORDED: "scored in this run and written to the snapshot",
+    BASE_LIVE: "scored in this run (--kinject-live-base), not written to the snapshot",
+}
+BASE_WEIGHTS_TEXT = {
+    WEIGHTS_SHARED: "one copy: the adapter was attached to the base already in memory",
+    WEIGHTS_RELOADED: "a clean copy of the base, loaded again because the previous adapter changed the base in place",
+}
+
+
+@dataclass(frozen=True)
 class Outcome:
     """The result a fact's test item reports: a verdict, or the reason there is none."""
 
@@ -103,6 +182,18 @@ class Outcome:
     verdict: Verdict | None = None
     error: str | None = None
     recorded: bool = False  # the base entry was written in this run
+    candidate: str = ""  # the CandidateSpec name; "" when the run has one candidate
+
+
+@dataclass
+class CandidateRun:
+    """The outcomes of one candidate, keyed by :func:`outcome_key`, and how it was loaded."""
+
+    spec: CandidateSpec
+    label: str
+    outcomes: dict[str, Outcome] = field(default_factory=dict)
+    base_weights: str | None = None  # WEIGHTS_SHARED or WEIGHTS_RELOADED for adapters, else None
+    error: str | None = None  # why this candidate was not judged; its facts carry the same error
 
 
 @dataclass
@@ -112,6 +203,7 @@ class RunSummary:
     candidate_label: str = ""
     base_label: str = ""
     snapshots_written: list[Path] = field(default_factory=list)
+    base_results: str = BASE_FROM_SNAPSHOT
     scored_facts: int = 0
     seconds_loading: float = 0.0
     seconds_scoring: float = 0.0
@@ -123,12 +215,22 @@ class KinjectSession:
     def __init__(self, options: Options, *, progress: Callable[[str], None] = logger.info) -> None:
         self.options = options
         self.progress = progress
-        self.outcomes: dict[str, Outcome] = {}
+        self.outcomes: dict[str, Outcome] = {}  # every candidate's outcomes, keyed by outcome_key()
+        self.runs: list[CandidateRun] = []
         self.summary = RunSummary(candidate_label=options.candidate_label, base_label=options.model)
         self._base: LoadedModel | None = None
+        self._adapted: LoadedModel | None = None  # the base with the current adapter, under each_adapter
+        self._base_reference: tuple[str, Any] | None = None  # a prompt and the base's logits on it
+        self._base_scored = False
+        self._errors: dict[str, str] = {}  # fact key -> why the fact has no usable base results
 
-    def run(self, facts: list[Fact], *, whole_suites: set[Path] = frozenset()) -> dict[str, Outcome]:
-        """Judge ``facts``; ``whole_suites`` names suites whose every fact was selected."""
+    def run(self, facts: list[Fact], *, whole_suites: set[Path] = frozenset(),
+            selected: set[str] | None = None) -> dict[str, Outcome]:
+        """Judge ``facts`` for every candidate and return the outcomes keyed by :func:`outcome_key`.
+
+        ``whole_suites`` names suites whose every fact was selected. ``selected`` holds the outcome
+        keys to judge when a selection differs between candidates; None judges every fact for all.
+        """
         by_suite: dict[Path, list[Fact]] = {}
         for fact in facts:
             by_suite.setdefault(Path(fact.path), []).append(fact)
@@ -138,14 +240,48 @@ class KinjectSession:
             check_reference(self.options.model)
         except ModelError as error:
             raise KinjectUsageError(str(error)) from error
-        snapshots = {suite: self._read_snapshot(suite) for suite in by_suite}
-        if self.options.update:
-            self._record(by_suite, snapshots, whole_suites)
+        if self.options.live_base and not self.options.update:
+            snapshots: dict[Path, Snapshot | None] = {suite: None for suite in by_suite}
+        else:
+            snapshots = {suite: self._read_snapshot(suite) for suite in by_suite}
+        if self.options.update or self.options.live_base:
+            self._record(by_suite, snapshots, whole_suites, write=self.options.update)
 
         judged = {suite: self._usable_facts(suite, suite_facts, snapshots[suite]) for suite, suite_facts in by_suite.items()}
-        if any(judged.values()):
-            self._judge(judged, snapshots)
+        for spec in self.options.candidates:
+            self._run_candidate(spec, by_suite, judged, snapshots, selected)
         return self.outcomes
+
+    def options_for(self, name: str) -> Options:
+        """Return the options of the candidate called ``name``, as a run of that candidate alone would have them."""
+        spec = next((spec for spec in self.options.candidates if spec.name == name), CandidateSpec("", ()))
+        return self.options.for_candidate(spec)
+
+    def _run_candidate(self, spec: CandidateSpec, by_suite: dict[Path, list[Fact]], judged: dict[Path, list[Fact]],
+                       snapshots: dict[Path, Snapshot | None], selected: set[str] | None) -> None:
+        run = CandidateRun(spec, self.options.for_candidate(spec).candidate_label)
+        self.runs.append(run)
+        chosen = {suite: [fact for fact in facts if selected is None or outcome_key(fact, spec.name) in selected]
+                  for suite, facts in judged.items()}
+        for facts in by_suite.values():
+            for fact in facts:
+                if _key(fact) in self._errors and (selected is None or outcome_key(fact, spec.name) in selected):
+                    run.outcomes[outcome_key(fact, spec.name)] = Outcome(fact, error=self._errors[_key(fact)],
+                                                                         candidate=spec.name)
+
+        if any(chosen.values()):
+            try:
+                self._judge(run, chosen, snapshots)
+            except KinjectUsageError as error:
+                if not self.options.each_adapter:
+                    raise
+                # One adapter that cannot be judged fails its own facts; the others are still judged.
+                self.progress(f"kinject: {error}")
+                run.error = str(error)
+                for facts in chosen.values():
+                    for fact in facts:
+                        run.outcomes[outcome_key(fact, spec.name)] = Outcome(fact, error=run.error, candidate=spec.name)
+        self.outcomes.update(run.outcomes)
 
     def _check_snapshot_paths(self, by_suite: dict[Path, list[Fact]]) -> None:
         owners: dict[Path, Path] = {}
@@ -182,7 +318,9 @@ class KinjectSession:
     def _settings(self) -> ScoringSettings:
         return ScoringSettings(batch_size=self.options.batch_size, top_k=self.options.top_k)
 
-    def _record(self, by_suite: dict[Path, list[Fact]], snapshots: dict[Path, Snapshot | None], whole_suites: set[Path]) -> None:
+    def _record(self, by_suite: dict[Path, list[Fact]], snapshots: dict[Path, Snapshot | None], whole_suites: set[Path],
+                *, write: bool = True) -> None:
+        """Score the base on every fact and put its results into ``snapshots``, writing the files when ``write``."""
         base = self._base_model()
         settings = self._settings()
         facts = [fact for suite_facts in by_suite.values() for fact in suite_facts]
@@ -201,16 +339,22 @@ class KinjectSession:
                                             entries=entries, suite_fact_ids=suite_ids)
             except SnapshotError as error:
                 raise KinjectUsageError(str(error)) from error
+            snapshots[suite] = snapshot
+            if not write:
+                continue
             try:
                 write_snapshot(snapshot)
             except OSError as error:
                 raise KinjectUsageError(f"could not write snapshot {display_path(path)} ({error.strerror or error}); "
                                         "check that its folder (--kinject-snapshot-dir) can be created and written") from error
-            snapshots[suite] = snapshot
             self.summary.snapshots_written.append(path)
+        self._base_scored = True
+        self.summary.base_results = BASE_RECORDED if write else BASE_LIVE
+        if not write:
+            self.progress("kinject: base results " + BASE_RESULTS_TEXT[BASE_LIVE])
 
     def _usable_facts(self, suite: Path, facts: list[Fact], snapshot: Snapshot | None) -> list[Fact]:
-        """Return the facts that have a current snapshot entry; give the others an error outcome."""
+        """Return the facts that have a current snapshot entry; keep why the others have none."""
         usable = []
         for fact in facts:
             target = f"{display_path(suite)}::{fact.id}"
@@ -218,24 +362,24 @@ class KinjectSession:
                 where = snapshot_path(suite, model_slug(self.options.model), self.options.snapshot_dir)
                 message = (f"no snapshot {display_path(where)} for model {self.options.model}; record the suite with: "
                            f"{self.options.update_command(display_path(suite))}")
-                self.outcomes[_key(fact)] = Outcome(fact, error=message)
+                self._errors[_key(fact)] = message
                 continue
             if fact.id not in snapshot.facts:
                 message = (f"no snapshot entry for fact {fact.id!r} in {display_path(snapshot.path)}; record it with: "
                            f"{self.options.update_command(target)}")
-                self.outcomes[_key(fact)] = Outcome(fact, error=message)
+                self._errors[_key(fact)] = message
                 continue
             stale = snapshot.stale_fields(fact)
             if stale:
                 message = (f"snapshot entry for fact {fact.id!r} in {display_path(snapshot.path)} was recorded for another "
                            f"{'/'.join(stale)}; re-record it with: {self.options.update_command(target)}")
-                self.outcomes[_key(fact)] = Outcome(fact, error=message)
+                self._errors[_key(fact)] = message
                 continue
             usable.append(fact)
         return usable
 
-    def _judge(self, judged: dict[Path, list[Fact]], snapshots: dict[Path, Snapshot | None]) -> None:
-        candidate = self._candidate()
+    def _judge(self, run: CandidateRun, judged: dict[Path, list[Fact]], snapshots: dict[Path, Snapshot | None]) -> None:
+        candidate = self._candidate_for(run, next(fact for facts in judged.values() for fact in facts))
         largest_change = 0.0
         for suite, facts in judged.items():
             if not facts:
@@ -245,7 +389,7 @@ class KinjectSession:
             self._check_snapshot_matches(suite, snapshot, candidate)
 
             base_results = {fact.id: snapshot.result(fact.id) for fact in facts}
-            if self.options.update and candidate is self._base:
+            if self._base_scored and candidate is self._base:
                 # The candidate is the base that was just recorded. Scoring it again would repeat
                 # the same passes, so its results are the recorded ones, probed at its own top-k.
                 candidate_results = {
@@ -266,7 +410,8 @@ class KinjectSession:
             for fact in facts:
                 tolerance = fact.tolerance.over(self.options.tolerance).over(DEFAULT_TOLERANCE)
                 verdict = judge(fact, base_results[fact.id], candidate_results[_key(fact)], tolerance)
-                self.outcomes[_key(fact)] = Outcome(fact, verdict=verdict, recorded=self.options.update)
+                run.outcomes[outcome_key(fact, run.spec.name)] = Outcome(fact, verdict=verdict, recorded=self.options.update,
+                                                                         candidate=run.spec.name)
 
         if candidate is not self._base:
             self._check_candidate_changed(candidate, largest_change)
@@ -275,7 +420,7 @@ class KinjectSession:
         # An adapter whose target modules match nothing, or whose LoRA B matrices are still zero,
         # loads without complaint and computes the base function exactly.
         if largest_change <= NO_EFFECT_NATS:
-            what = "adapter" if self.options.adapters else "candidate"
+            what = "adapter" if candidate.adapters else "candidate"
             raise KinjectUsageError(
                 f"the {what} {candidate.label} gives the base's log-probabilities on every selected fact "
                 f"(largest difference {largest_change:.1e} nats), so it changed nothing; check that it was "
@@ -283,6 +428,7 @@ class KinjectSession:
             )
 
     def _candidate(self) -> LoadedModel:
+        """Return the candidate of a run with one candidate: a checkpoint, the base + every adapter, or the base."""
         if self.options.candidate:
             started = time.perf_counter()
             self.progress(f"kinject: loading candidate {self.options.candidate}")
@@ -297,6 +443,51 @@ class KinjectSession:
             return attach_adapters(base, list(self.options.adapters))
         except ModelError as error:
             raise KinjectUsageError(str(error)) from error
+
+    def _candidate_for(self, run: CandidateRun, first_fact: Fact) -> LoadedModel:
+        """Return the candidate of ``run``; under each_adapter, attach its adapter to the base in memory.
+
+        ``first_fact``'s prompt is the one on which the base must give the same logits before each
+        adapter as it did before the first.
+        """
+        if not self.options.each_adapter:
+            candidate = self._candidate()
+            if candidate.adapters:
+                run.base_weights = WEIGHTS_SHARED
+            return candidate
+
+        adapter = run.spec.adapters[0]
+        if self._adapted is not None and not self._base_is_intact():
+            previous = self._adapted.adapters[0]
+            self.progress(f"kinject: the base's logits changed after adapter {previous}{_bias_note(previous)}; "
+                          f"loading a clean copy of the base for adapter {adapter}")
+            self._base = self._adapted = None
+        # The base was dropped after an adapter had been attached to it: the next one gets a fresh copy.
+        reloaded = self._base is None and self._base_reference is not None
+        if self._base_reference is None:
+            base = self._base_model()
+            self._base_reference = (first_fact.prompt, base_logits(base, first_fact.prompt))
+
+        self.progress(f"kinject: attaching adapter {adapter} to the base in memory (one copy of the base weights)")
+        try:
+            if self._adapted is None:
+                self._adapted = attach_adapters(self._base_model(), [adapter])
+            else:
+                self._adapted = replace_adapter(self._adapted, adapter)
+        except ModelError as error:
+            self._base = self._adapted = None  # a failed load may leave adapter layers in the base
+            raise KinjectUsageError(str(error)) from error
+        run.base_weights = WEIGHTS_RELOADED if reloaded else WEIGHTS_SHARED
+        return self._adapted
+
+    def _base_is_intact(self) -> bool:
+        """Tell whether the base, with the current adapter disabled, still gives its logits from before the first adapter."""
+        import torch
+
+        assert self._adapted is not None and self._base_reference is not None
+        prompt, reference = self._base_reference
+        # Exact equality: the same weights and the same input give the same logits on one device.
+        return torch.equal(base_logits(self._adapted, prompt), reference)
 
     def _check_snapshot_matches(self, suite: Path, snapshot: Snapshot, candidate: LoadedModel) -> None:
         recorded = snapshot.model.get("fingerprint", {})
@@ -338,6 +529,17 @@ class KinjectSession:
         self.summary.seconds_scoring += time.perf_counter() - started
         self.summary.scored_facts += len(queries)
         return results
+
+
+def _bias_note(adapter_dir: str) -> str:
+    """Return why an adapter may change the base in place, from its adapter_config.json, or ""."""
+    try:
+        bias = json.loads((Path(adapter_dir) / "adapter_config.json").read_text()).get("bias", "none")
+    except (OSError, ValueError):
+        return ""
+    if bias in (None, "none"):
+        return ""
+    return f" (it trains biases, bias={bias!r}, which PEFT loads into the base's own parameters)"
 
 
 def _largest_change(base: FactResult, candidate: FactResult) -> float:
