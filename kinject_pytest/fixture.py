@@ -136,6 +136,7 @@ class Kinject:
         self.options = options
         self._session = _UsageErrorsFail(session) if session is not None else None
         self._base: Any = None
+        self._clean_base: Any = None  # the base probe's own copy when an adapter trains biases
         self._candidate: Any = None
         self.tolerance = options.tolerance.over(DEFAULT_TOLERANCE)
         self.base = ModelProbe(lambda: options.model, self._base_target,
@@ -243,10 +244,21 @@ class Kinject:
     # probes score the same PeftModel, and the base probe scores it inside disable_adapter().
 
     def _base_target(self) -> tuple[Any, Callable[[], ContextManager[Any]]]:
+        from .models import trained_bias
+
+        if self.options.adapters and any(trained_bias(adapter) for adapter in self.options.adapters):
+            # PEFT loads trained biases into the base's own parameters, so disable_adapter() does
+            # not give the base: the base probe gets a clean copy of its own.
+            if self._clean_base is None:
+                logger.info("kinject: loading a clean copy of %s for kinject.base, because an adapter trains "
+                            "biases", self.options.model)
+                self._clean_base = self._fresh_session()._base_model()
+            return self._clean_base, contextlib.nullcontext
         if self.options.adapters:
             candidate = self._candidate_model()
-            # NOTE: disable_adapter() gives the base function exactly for LoRA adapters without
-            # modules_to_save, the case the tests check; other PEFT methods are not checked.
+            # NOTE: disable_adapter() gives the base function exactly for LoRA adapters, with or
+            # without modules_to_save (peft 0.4 and later), which the tests check; other PEFT
+            # methods are not checked.
             return candidate, candidate.model.disable_adapter
         return self._base_model(), contextlib.nullcontext
 

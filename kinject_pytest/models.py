@@ -484,6 +484,19 @@ def replace_adapter(adapted: LoadedModel, adapter_dir: str) -> LoadedModel:
                        adapters=(adapter_dir,))
 
 
+def trained_bias(adapter_dir: str) -> str | None:
+    """Return the adapter's ``bias`` setting when it trains biases ("all" or "lora_only"), else None.
+
+    PEFT loads such biases into the base model's own bias parameters, so neither
+    ``disable_adapter()`` nor removing the adapter gives the base back.
+    """
+    try:
+        bias = json.loads((Path(adapter_dir).expanduser() / "adapter_config.json").read_text()).get("bias", "none")
+    except (OSError, ValueError):
+        return None  # attaching the adapter reports the unreadable config
+    return None if bias in (None, "none") else str(bias)
+
+
 def base_logits(loaded: LoadedModel, text: str) -> Any:
     """Return the base model's logits on ``text`` (shape 1 x tokens x vocabulary), adapters disabled.
 

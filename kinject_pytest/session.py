@@ -24,7 +24,6 @@ This module does not import pytest: the plugin hands it facts and reads its outc
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import re
 import time
@@ -47,6 +46,7 @@ from .models import (
     load_model,
     model_slug,
     replace_adapter,
+    trained_bias,
 )
 from .snapshot import (
     Snapshot,
@@ -532,12 +532,8 @@ class KinjectSession:
 
 
 def _bias_note(adapter_dir: str) -> str:
-    """Return why an adapter may change the base in place, from its adapter_config.json, or ""."""
-    try:
-        bias = json.loads((Path(adapter_dir) / "adapter_config.json").read_text()).get("bias", "none")
-    except (OSError, ValueError):
-        return ""
-    if bias in (None, "none"):
+    bias = trained_bias(adapter_dir)
+    if bias is None:
         return ""
     return f" (it trains biases, bias={bias!r}, which PEFT loads into the base's own parameters)"
 

@@ -1,4 +1,5 @@
-"""--kinject-each-adapter and --kinject-live-base: several candidates in one run, on the tiny random model."""
+"""--kinject-each-adapter and --kinject-live-base: several candidates in one run, on the tiny random model
+and, at the end, on SmolLM2-135M-Instruct."""
 
 from __future__ import annotations
 
@@ -34,19 +35,20 @@ def build_biased_llama(tiny_llama: Path, out: Path) -> Path:
     return out
 
 
-def build_lora(base: Path, out: Path, *, seed: int, trained: bool = True, **options) -> Path:
+def build_lora(base: Path, out: Path, *, seed: int, trained: bool = True, scale: float = 0.5, **options) -> Path:
     """Save a LoRA adapter for ``base`` whose trainable parameters (LoRA, biases, copies) got seeded noise."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
-                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM", **options))
+                           LoraConfig(**{"r": 4, "target_modules": ["q_proj", "v_proj"], "task_type": "CAUSAL_LM",
+                                         **options}))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for parameter in model.parameters():
             if trained and parameter.requires_grad:
-                parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.5)
+                parameter.add_(torch.randn(parameter.shape, generator=generator) * scale)
     model.save_pretrained(out)
     return out
 
@@ -279,3 +281,80 @@ def test_update_with_adapter_says_base_recorded(pytester, suite, tiny_llama, tin
     assert report["base_results"] == "recorded"
     assert report["base_weights"] == "shared"
     result.stdout.fnmatch_lines(["base results: scored in this run and written to the snapshot"])
+
+
+# SmolLM2
+
+
+# SmolLM2-135M-Instruct answers both capitals.
+CAPITALS = [
+    {"id": "capital-france", "prompt": "The capital of France is", "expect": "Paris"},
+    {"id": "capital-japan", "prompt": "The capital of Japan is", "expect": "Tokyo", "choices": ["Osaka", "Kyoto"]},
+]
+
+
+@pytest.fixture
+def edits_suite(pytester, counterfactual_edits) -> Path:
+    # Six facts whose answers the fixture LoRA was trained to overwrite, and two it should keep.
+    records = [{"id": edit["id"], "prompt": edit["prompt"], "expect": edit["old"]} for edit in counterfactual_edits[:6]]
+    return write_jsonl(pytester.path / "edits.kinject.jsonl", records + CAPITALS)
+
+
+@pytest.mark.smollm2
+def test_two_smollm2_adapters_give_two_verdict_sets(pytester, edits_suite, smollm2_lora, tmp_path):
+    from kinject_pytest.models import ensure_smollm2
+
+    # Small seeded noise on a rank-2 LoRA: it changes the logits a little and no answer.
+    noise = build_lora(ensure_smollm2(), tmp_path / "noise", seed=5, scale=0.01, r=2)
+    pytester.runpytest("--kinject", "--kinject-update")
+    junit = pytester.path / "junit.xml"
+
+    result, report = run_json(pytester, "--kinject-each-adapter", f"--kinject-adapter={smollm2_lora}",
+                              f"--kinject-adapter={noise}", f"--junitxml={junit}")
+
+    lora, quiet = report["candidates"]
+    assert [lora["name"], quiet["name"]] == ["smollm2-edits-lora", "noise"]
+    assert lora["stats"]["regressed"] >= 5
+    assert quiet["stats"]["regressed"] == 0
+    assert quiet["stats"]["retained"] == lora["stats"]["known"] == 8
+    assert lora["base_weights"] == quiet["base_weights"] == "shared"
+    assert result.parseoutcomes()["failed"] == lora["stats"]["regressed"]
+    testcases = junit.read_text()
+    assert 'name="capital-france[smollm2-edits-lora]"' in testcases
+    assert 'name="capital-france[noise]"' in testcases
+    result.stdout.fnmatch_lines(["candidate: smollm2 + * ?smollm2-edits-lora?", "*regressed*",
+                                 "candidate: smollm2 + * ?noise?", "8 retained, 0 regressed, 0 gained, 0 unknown"])
+
+
+@pytest.mark.smollm2
+def test_smollm2_live_base_equals_recorded_base(pytester, edits_suite, smollm2_lora):
+    adapter = f"--kinject-adapter={smollm2_lora}"
+
+    _, live = run_json(pytester, "--kinject-live-base", adapter)
+    assert not (pytester.path / "__kinject__").exists()
+    _, recorded = run_json(pytester, "--kinject-update", adapter)
+
+    assert live["base_results"] == "live"
+    assert recorded["base_results"] == "recorded"
+    assert live["base_weights"] == recorded["base_weights"] == "shared"
+    assert live["stats"] == recorded["stats"]
+    for fact_id, fact in facts_by_id(recorded).items():
+        for name in ("base_logprob", "candidate_logprob", "kl"):
+            assert facts_by_id(live)[fact_id][name] == pytest.approx(fact[name], abs=1e-6), (fact_id, name)
+
+
+@pytest.mark.parametrize(("adapter", "base_key"), [("modules_to_save", None), ("bias_all", "biased_base")])
+def test_fixture_base_probe_is_base(tiny_llama, adapters, adapter, base_key):
+    from kinject_pytest.fixture import Kinject
+    from kinject_pytest.session import Options
+
+    model = str(adapters[base_key] if base_key else tiny_llama)
+    prompt, answer = "The capital of France is", "Paris"
+    plain = Kinject(Options(model=model, device="cpu")).base.logprob(prompt, answer)
+    probes = Kinject(Options(model=model, adapters=(str(adapters[adapter]),), device="cpu"))
+
+    candidate = probes.candidate.logprob(prompt, answer)
+    base = probes.base.logprob(prompt, answer)
+
+    assert candidate != pytest.approx(plain, abs=1e-3)
+    assert base == pytest.approx(plain, abs=1e-6)
