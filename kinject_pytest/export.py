@@ -68,8 +68,8 @@ def report_data(outcomes: Iterable[Outcome], options: Options, summary: RunSumma
 def session_report_data(runs: Sequence[CandidateRun], options: Options, summary: RunSummary) -> dict[str, Any]:
     """Build the report of a whole run: :func:`report_data`'s shape for one candidate, else one entry per candidate.
 
-    Every report says where the base results came from (``base_results``: snapshot, recorded or
-    live). An adapter candidate also says which copy of the base weights it was attached to
+    Every report records where the base results came from (``base_results``: snapshot, recorded or
+    live). An adapter candidate also records which copy of the base weights it was attached to
     (``base_weights``: shared or reloaded; None for other candidates). With several candidates
     (``--kinject-each-adapter``) the report keeps the version, base, run and base results at the top
     and lists each candidate's report, without those keys, under ``candidates`` with its ``name``,

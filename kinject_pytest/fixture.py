@@ -257,7 +257,7 @@ class Kinject:
         if self.options.adapters:
             candidate = self._candidate_model()
             # NOTE: disable_adapter() gives the base function exactly for LoRA adapters, with or
-            # without modules_to_save (peft 0.4 and later), which the tests check; other PEFT
+            # without modules_to_save (peft 0.4 and later), and the tests check both. Other PEFT
             # methods are not checked.
             return candidate, candidate.model.disable_adapter
         return self._base_model(), contextlib.nullcontext

@@ -501,9 +501,9 @@ def base_logits(loaded: LoadedModel, text: str) -> Any:
     """Return the base model's logits on ``text`` (shape 1 x tokens x vocabulary), adapters disabled.
 
     PEFT's ``disable_adapter()`` bypasses the LoRA layers and uses the original of every
-    ``modules_to_save`` module (peft 0.4 and later), but biases that an adapter trained
-    (``bias`` "all" or "lora_only") were loaded into the base's own parameters and stay, so then the
-    result is not the base's: peft warns about it, and the caller compares against the base's logits.
+    ``modules_to_save`` module (peft 0.4 and later). Biases that an adapter trained (``bias`` "all"
+    or "lora_only") were loaded into the base's own parameters and stay, so then the result is not
+    the base's. The caller compares it against logits of the base taken before any adapter.
     """
     import torch
 

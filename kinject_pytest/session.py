@@ -155,8 +155,8 @@ def outcome_key(fact: Fact, candidate: str = "") -> str:
     return f"{key}[{candidate}]" if candidate else key
 
 
-# Where a candidate's base results came from (RunSummary.base_results), and which copy of the base
-# weights an adapter was attached to (CandidateRun.base_weights).
+# Origins of the base results (RunSummary.base_results), and the copy of the base weights that an
+# adapter was attached to (CandidateRun.base_weights).
 BASE_FROM_SNAPSHOT = "snapshot"
 BASE_RECORDED = "recorded"  # scored in this run and written to the snapshot (--kinject-update)
 BASE_LIVE = "live"  # scored in this run and kept in memory only (--kinject-live-base)
@@ -259,13 +259,17 @@ class KinjectSession:
 
     def _run_candidate(self, spec: CandidateSpec, by_suite: dict[Path, list[Fact]], judged: dict[Path, list[Fact]],
                        snapshots: dict[Path, Snapshot | None], selected: set[str] | None) -> None:
+        def is_selected(fact: Fact) -> bool:
+            return selected is None or outcome_key(fact, spec.name) in selected
+
+        if not any(is_selected(fact) for facts in by_suite.values() for fact in facts):
+            return  # -k or -m deselected all of this candidate's items, so it has no summary, report or gate
         run = CandidateRun(spec, self.options.for_candidate(spec).candidate_label)
         self.runs.append(run)
-        chosen = {suite: [fact for fact in facts if selected is None or outcome_key(fact, spec.name) in selected]
-                  for suite, facts in judged.items()}
+        chosen = {suite: [fact for fact in facts if is_selected(fact)] for suite, facts in judged.items()}
         for facts in by_suite.values():
             for fact in facts:
-                if _key(fact) in self._errors and (selected is None or outcome_key(fact, spec.name) in selected):
+                if _key(fact) in self._errors and is_selected(fact):
                     run.outcomes[outcome_key(fact, spec.name)] = Outcome(fact, error=self._errors[_key(fact)],
                                                                          candidate=spec.name)
 
