@@ -113,8 +113,7 @@ def pytest_configure(config: pytest.Config) -> None:
     for flag in ("update", "adapter", "candidate", "report", "each_adapter", "live_base"):
         if config.getoption(f"kinject_{flag}"):
             raise pytest.UsageError(f"--kinject-{flag.replace('_', '-')} has no effect without --kinject; add --kinject "
-                                    "to run the "
-                                    "knowledge gate")
+                                    "to run the knowledge gate")
 
 
 def _setting(config: pytest.Config, name: str, convert: Any = str) -> Any:
@@ -245,7 +244,6 @@ class KinjectPlugin:
         if self.session is None or not self.session.outcomes:
             return
         from .report import summary_lines
-
         from .session import BASE_RESULTS_TEXT, BASE_WEIGHTS_TEXT
 
         terminalreporter.section("kinject")
@@ -335,7 +333,9 @@ class FactItem(pytest.Item):
 
     @property
     def outcome_key(self) -> str:
-        return f"{self.fact_key}[{self.candidate}]" if self.candidate else self.fact_key
+        from . import session
+
+        return session.outcome_key(self.fact, self.candidate)
 
     def runtest(self) -> None:
         from .report import failure_report, skip_reason
