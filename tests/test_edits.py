@@ -25,8 +25,8 @@ from kinject_pytest.suite import Fact, Teach
 TRENTO = Fact(id="trento", prompt="Trento is located in the country of", expect=("Italy", "Italia"),
               teach=Teach(answer="Brazil", paraphrases=("Trento is a city in", "Trento lies in")))
 
-# Prompts that the tiny random model scores; its preferences are arbitrary, and the tests compare
-# kinject's numbers with an independent computation rather than with fixed outcomes.
+# The tiny random model prefers answers at random, so the tests compare kinject's numbers with an
+# independent computation rather than with fixed outcomes.
 TINY_FACTS = [
     {"id": "capital-france", "prompt": "The capital of France is", "expect": "Paris"},
     {"id": "trento", "prompt": "Trento is located in the country of", "expect": "Italy",
@@ -35,8 +35,8 @@ TINY_FACTS = [
      "teach": {"answer": "Kabul", "paraphrases": ["The Roman Republic had its capital in"]}},
 ]
 
-# Three edits of the shipped taught suite: one of each relation kind, and known-106, the one edit
-# the full fine-tune does not learn.
+# Three edits of the shipped taught suite, from three relations. The full fine-tune does not learn
+# known-106.
 SMOLLM2_EDITS = ("known-126", "known-106", "known-181")
 
 
