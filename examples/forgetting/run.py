@@ -6,8 +6,9 @@ Usage: python examples/forgetting/run.py [--out DIR] [-k EXPRESSION]
    the same 40 examples (20 counterfactual edits, 20 true control facts) as one batch for 12 AdamW
    steps. Only the learning rate differs: 1e-3 for LoRA, 3e-5 for the full fine-tune.
 2. Gate each with kinject in its own pytest process: suites/known_facts.kinject.jsonl without the 40
-   facts the fine-tunes trained on, and suites/counterfactual_edits.kinject.jsonl, whose facts
-   declare the taught answers. Each run writes a JSON report.
+   facts the fine-tunes trained on (a copy in the output folder), and
+   suites/counterfactual_edits.kinject.jsonl, whose facts declare the taught answers. Each run
+   writes a JSON report.
 3. Read both reports and print, and write as Markdown, one row per fine-tune: learned (efficacy),
    paraphrase success, retention of the known facts, mean KL, and regressed facts.
 
@@ -80,15 +81,31 @@ def trained_fact_ids(builders: ModuleType) -> list[str]:
     return edits + controls
 
 
-def gate(name: str, candidate_flag: str, out: Path, deselected: list[str], select: str | None) -> dict[str, Any]:
+def untrained_known_facts(out: Path, trained: list[str]) -> Path:
+    """Write the known-facts suite without the facts in ``trained`` to ``out/suites/``, under its own name.
+
+    Its name stays ``known_facts.kinject.jsonl``, so with ``--kinject-snapshot-dir`` the run reads the
+    shipped snapshot. pytest's ``--deselect`` matches node id prefixes, so it cannot remove
+    ``known-6`` without also removing ``known-60`` to ``known-699``.
+    """
+    kept = []
+    for line in KNOWN_FACTS.read_text(encoding="utf-8").splitlines(keepends=True):
+        record = json.loads(line) if line.strip() else {}
+        if record.get("id") not in trained:
+            kept.append(line)
+    path = out / "suites" / KNOWN_FACTS.name
+    write_text_atomically(path, "".join(kept))
+    return path
+
+
+def gate(name: str, candidate_flag: str, out: Path, known_facts: Path, select: str | None) -> dict[str, Any]:
     """Run kinject on both suites in a pytest subprocess and return its JSON report."""
     report = out / f"{name}.json"
     command = [
         sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(REPO),
         "--kinject", candidate_flag, f"--kinject-report={report}",
-        str(KNOWN_FACTS.relative_to(REPO)), str(TAUGHT.relative_to(REPO)),
+        f"--kinject-snapshot-dir={KNOWN_FACTS.parent / '__kinject__'}", str(known_facts), str(TAUGHT),
     ]
-    command += [f"--deselect={KNOWN_FACTS.relative_to(REPO)}::{fact_id}" for fact_id in deselected]
     if select:
         command += ["-k", select]
 
@@ -183,12 +200,12 @@ def main(argv: list[str] | None = None) -> int:
     fine_tunes = {"LoRA": builders.build_lora(), "full fine-tune": builders.build_full_finetune()}
     out.mkdir(parents=True, exist_ok=True)
 
-    deselected = trained_fact_ids(builders)
+    known_facts = untrained_known_facts(out, trained_fact_ids(builders))
     flags = {"LoRA": f"--kinject-adapter={fine_tunes['LoRA']}",
              "full fine-tune": f"--kinject-candidate={fine_tunes['full fine-tune']}"}
     rows = []
     for name, folder in fine_tunes.items():
-        report = gate(name.replace(" ", "-").lower(), flags[name], out, deselected, args.select)
+        report = gate(name.replace(" ", "-").lower(), flags[name], out, known_facts, args.select)
         rows.append(table_row(name, report, trained_parameters(folder)))
 
     text = budget_text(builders) + "\n\n" + markdown_table(rows)
