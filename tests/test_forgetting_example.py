@@ -23,9 +23,9 @@ def load_example() -> ModuleType:
 
 
 def report(*, learned: int, judged: int, paraphrase: float | None, retained: int, known: int, mean_kl: float | None,
-           regressed: int) -> dict:
+           regressed: int, lost: int = 0) -> dict:
     return {
-        "stats": {"retained": retained, "known": known, "mean_kl": mean_kl, "regressed": regressed},
+        "stats": {"retained": retained, "known": known, "mean_kl": mean_kl, "regressed": regressed, "lost": lost},
         "edits": {"taught": judged, "judged": judged, "learned": learned, "paraphrase_success": paraphrase},
     }
 
@@ -34,16 +34,16 @@ def test_table_from_reports():
     example = load_example()
     rows = [
         example.table_row("LoRA", report(learned=20, judged=20, paraphrase=0.65, retained=100, known=400,
-                                         mean_kl=2.25049, regressed=300), 4_884_480),
+                                         mean_kl=2.25049, regressed=300, lost=120), 4_884_480),
         example.table_row("full fine-tune", report(learned=19, judged=20, paraphrase=0.35, retained=300, known=400,
-                                                   mean_kl=0.6846, regressed=100), 134_515_008),
+                                                   mean_kl=0.6846, regressed=100, lost=7), 134_515_008),
     ]
 
     table = example.markdown_table(rows)
 
     assert table.splitlines()[2:] == [
-        "| LoRA | 4,884,480 | 100.0% (20/20) | 65.0% | 25.0% (100/400) | 2.250 | 300 |",
-        "| full fine-tune | 134,515,008 | 95.0% (19/20) | 35.0% | 75.0% (300/400) | 0.685 | 100 |",
+        "| LoRA | 4,884,480 | 100.0% (20/20) | 65.0% | 25.0% (100/400) | 2.250 | 300 | 120 |",
+        "| full fine-tune | 134,515,008 | 95.0% (19/20) | 35.0% | 75.0% (300/400) | 0.685 | 100 | 7 |",
     ]
 
 
@@ -52,7 +52,7 @@ def test_table_without_judged_facts():
     row = example.table_row("LoRA", report(learned=0, judged=0, paraphrase=None, retained=0, known=0, mean_kl=None,
                                            regressed=0), 10)
 
-    assert example.markdown_table([row]).splitlines()[2] == "| LoRA | 10 | n/a (0/0) | n/a | n/a (0/0) | n/a | 0 |"
+    assert example.markdown_table([row]).splitlines()[2] == "| LoRA | 10 | n/a (0/0) | n/a | n/a (0/0) | n/a | 0 | 0 |"
 
 
 def test_trained_facts_are_edits_and_train_controls():

@@ -55,6 +55,7 @@ class Row:
     known: int
     mean_kl: float | None
     regressed: int
+    lost: int  # regressed facts the candidate no longer knows, as opposed to ones that only moved past a tolerance
 
     @property
     def efficacy(self) -> float | None:
@@ -148,6 +149,7 @@ def table_row(name: str, report: dict[str, Any], parameters: int) -> Row:
         known=stats["known"],
         mean_kl=stats["mean_kl"],
         regressed=stats["regressed"],
+        lost=stats["lost"],
     )
 
 
@@ -155,8 +157,8 @@ def markdown_table(rows: list[Row]) -> str:
     """Render the rows as a Markdown table; percentages have one decimal, KL three."""
     lines = [
         "| fine-tune | trained parameters | learned (efficacy) | paraphrase success | retained known facts "
-        "| mean KL (nats) | regressed facts |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| mean KL (nats) | regressed facts | of which lost |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         cells = [
@@ -167,6 +169,7 @@ def markdown_table(rows: list[Row]) -> str:
             f"{_percent(row.retention)} ({row.retained}/{row.known})",
             "n/a" if row.mean_kl is None else f"{row.mean_kl:.3f}",
             str(row.regressed),
+            str(row.lost),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
