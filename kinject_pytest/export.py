@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from .edits import EditScores, edit_stats
 from .files import write_text_atomically
 from .html import SHARED_REPORT_KEYS, candidate_reports, html_report
 from .session import BASE_RESULTS_TEXT, BASE_WEIGHTS_TEXT, CandidateRun, Options, Outcome, RunSummary, display_path
@@ -61,6 +62,7 @@ def report_data(outcomes: Iterable[Outcome], options: Options, summary: RunSumma
         },
         "stats": _json_numbers(dataclasses.asdict(retention_stats(verdicts))),
         "tags": {tag: _json_numbers(dataclasses.asdict(stats)) for tag, stats in per_tag_stats(outcomes).items()},
+        "edits": _json_numbers(dataclasses.asdict(edit_stats(outcome.edit for outcome in outcomes if outcome.edit is not None))),
         "facts": facts,
     }
 
@@ -110,7 +112,12 @@ def _fact_entry(outcome: Outcome, options: Options) -> dict[str, Any]:
         "recorded": outcome.recorded,
         "error": outcome.error,
     }
-    if verdict is None:
+    if outcome.edit is not None:
+        tolerance = fact.tolerance.over(options.tolerance).over(DEFAULT_TOLERANCE)
+        entry.update(verdict=outcome.edit.status, failed_checks=[], base_completion=None, candidate_completion=None,
+                     base_logprob=None, candidate_logprob=None, logprob_drop=None, kl=None,
+                     teach=_teach_entry(outcome))
+    elif verdict is None:
         # Same precedence as the session uses when judging: fact, then options, then defaults.
         tolerance = fact.tolerance.over(options.tolerance).over(DEFAULT_TOLERANCE)
         entry.update(verdict=ERROR_STATUS, failed_checks=[], base_completion=None, candidate_completion=None,
@@ -129,6 +136,32 @@ def _fact_entry(outcome: Outcome, options: Options) -> dict[str, Any]:
         )
     entry["tolerance"] = {"kl": tolerance.kl, "logprob_drop": tolerance.logprob_drop}
     return _json_numbers(entry)
+
+
+def _teach_entry(outcome: Outcome) -> dict[str, Any]:
+    """Return a taught fact's answers and both models' scores; NLLs are per-token means in nats."""
+    fact, edit = outcome.fact, outcome.edit
+    assert edit is not None and fact.teach is not None
+    return {
+        "old_answer": fact.expect[0],
+        "new_answer": fact.teach.answer,
+        "paraphrases": list(fact.teach.paraphrases),
+        "base": _scores_entry(edit.base),
+        "candidate": _scores_entry(edit.candidate),
+    }
+
+
+def _scores_entry(scores: EditScores) -> dict[str, Any]:
+    entry = scores.to_dict()
+    for item, prompt_scores in zip([entry["rewrite"], *entry["paraphrases"]], [scores.rewrite, *scores.paraphrases]):
+        item["old_nll"] = prompt_scores.old_nll
+        item["new_nll"] = prompt_scores.new_nll
+        item["prefers_new"] = prompt_scores.prefers_new
+    entry["efficacy"] = scores.efficacy
+    entry["paraphrase_success"] = scores.paraphrase_success
+    for item in [entry["rewrite"], *entry["paraphrases"]]:
+        item.update(_json_numbers(item))  # an answer with probability 0 has an infinite NLL
+    return entry
 
 
 def _json_numbers(values: dict[str, Any]) -> dict[str, Any]:
@@ -237,6 +270,7 @@ def _candidate_markdown(data: dict[str, Any], heading: str | None = None) -> str
     if data.get("error"):
         lines += [f"Not judged: {_inline(data['error'])}", ""]
     lines += _statistics_lines(stats)
+    lines += _taught_lines(data)
     lines += _tag_table(data["tags"])
     lines += _worst_regressions_table(data["facts"])
     return "\n".join(lines)
@@ -269,6 +303,54 @@ def _statistics_lines(stats: dict[str, Any]) -> list[str]:
         lines.append(f"- KL(base ‖ candidate) on known facts: mean {stats['mean_kl']:.4f} nats, "
                      f"max {stats['max_kl']:.4f} nats")
     return lines + [""]
+
+
+def _taught_lines(data: dict[str, Any]) -> list[str]:
+    """Return the "learned" section: efficacy and paraphrase success, then one row per taught fact."""
+    edits = data.get("edits")
+    if not edits or not edits["taught"]:
+        return []
+    lines = ["### Taught facts", ""]
+    if edits["efficacy"] is None:
+        return lines + [f"- {edits['taught']} taught facts, not judged: the candidate is the base itself.", ""]
+
+    lines.append(f"- Learned (efficacy): {edits['learned']}/{edits['judged']} = {_percent(edits['efficacy'])}")
+    if edits["paraphrase_success"] is not None:
+        lines.append(f"- Paraphrase success: {_percent(edits['paraphrase_success'])} "
+                     f"(mean over {edits['paraphrase_facts']} facts)")
+    stats = data["stats"]
+    if stats["retention_rate"] is not None:
+        lines.append(f"- Kept: {stats['retained']}/{stats['known']} = {_percent(stats['retention_rate'])} of the "
+                     "other facts the base knows")
+    lines += [
+        "",
+        "Per-token mean NLL in nats (old / new answer), base → candidate:",
+        "",
+        "| fact | prompt | old | new | base | candidate | paraphrases | verdict |",
+        "|---|---|---|---|---|---|---:|---|",
+    ]
+    for fact in data["facts"]:
+        if "teach" in fact:
+            lines.append(_taught_row(fact))
+    return lines + [""]
+
+
+def _taught_row(fact: dict[str, Any]) -> str:
+    teach = fact["teach"]
+    base, candidate = teach["base"]["rewrite"], teach["candidate"]["rewrite"]
+    paraphrases = teach["candidate"]["paraphrases"]
+    succeeded = sum(item["prefers_new"] for item in paraphrases)
+    cells = [
+        _cell(fact["id"]),
+        _cell(fact["prompt"]),
+        _cell(teach["old_answer"]),
+        _cell(teach["new_answer"]),
+        f"{_number(base['old_nll'])} / {_number(base['new_nll'])}",
+        f"{_number(candidate['old_nll'])} / {_number(candidate['new_nll'])}",
+        f"{succeeded}/{len(paraphrases)}" if paraphrases else "n/a",
+        fact["verdict"],
+    ]
+    return "| " + " | ".join(cells) + " |"
 
 
 def _tag_table(tags: dict[str, dict[str, Any]]) -> list[str]:

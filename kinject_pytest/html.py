@@ -22,9 +22,13 @@ REGRESSED = "regressed"
 GAINED = "gained"
 UNKNOWN = "unknown"
 ERROR_STATUS = "error"
+# The taught-fact statuses of kinject_pytest.edits, repeated for the same reason.
+LEARNED = "learned"
+NOT_LEARNED = "not_learned"
+UNTRAINED = "untrained"
 
 # Default row order of the fact table and the order the verdict column sorts by.
-VERDICT_ORDER = (REGRESSED, ERROR_STATUS, GAINED, RETAINED, UNKNOWN)
+VERDICT_ORDER = (REGRESSED, NOT_LEARNED, ERROR_STATUS, GAINED, RETAINED, LEARNED, UNKNOWN, UNTRAINED)
 
 TAG_LABEL_CHARACTERS = 24  # longer tag names are cut in the plots, with the full name in a tooltip
 
@@ -103,6 +107,7 @@ def _candidate_body(data: dict[str, Any], table_id: str, heading: str | None = N
     tags = _tags_in_plot_order(data["tags"])
     return "\n".join([
         _header(data, heading),
+        _taught_section(data),
         '<section class="plots">',
         f'<figure class="wide">{_logprob_change_histogram(data["facts"])}</figure>',
         f"<figure>{_retention_plot(tags)}</figure>",
@@ -124,6 +129,9 @@ def _header(data: dict[str, Any], heading: str | None = None) -> str:
     failing = []
     if stats["regressed"]:
         failing.append(f"{stats['regressed']} regressed")
+    not_learned = sum(1 for fact in facts if fact["verdict"] == NOT_LEARNED)
+    if not_learned:
+        failing.append(f"{not_learned} taught but not learned")
     if errors:
         failing.append(f"{errors} without a snapshot entry")
     if failing:
@@ -187,6 +195,69 @@ def _card(label: str, value: str, note: str, verdict: str | None = None) -> str:
     css_class = "card" if verdict is None else f"card v-{verdict}"
     return (f'<div class="{css_class}"><div class="label">{_escape(label)}</div>'
             f'<div class="value">{_escape(value)}</div><div class="note">{_escape(note)}</div></div>')
+
+
+# Taught facts
+
+
+def _taught_section(data: dict[str, Any]) -> str:
+    """Render what the candidate learned (efficacy, paraphrases) beside what it kept, and a row per taught fact."""
+    edits = data.get("edits")
+    if not edits or not edits["taught"]:
+        return ""
+    if edits["efficacy"] is None:
+        return (f'<section><h2>Taught facts ({edits["taught"]})</h2><p class="muted">Not judged: the candidate '
+                "is the base itself.</p></section>")
+
+    stats = data["stats"]
+    paraphrases = "n/a" if edits["paraphrase_success"] is None else _percent(edits["paraphrase_success"])
+    kept = "n/a" if stats["retention_rate"] is None else _percent(stats["retention_rate"])
+    cards = [
+        _card("learned (efficacy)", _percent(edits["efficacy"]), f"{edits['learned']}/{edits['judged']} taught facts",
+              LEARNED),
+        _card("paraphrase success", paraphrases, f"mean over {edits['paraphrase_facts']} facts"),
+        _card("kept", kept, f"{stats['retained']}/{stats['known']} other facts the base knows", RETAINED),
+    ]
+    header = "".join(f"<th>{_escape(name)}</th>" for name in (
+        "fact", "verdict", "prompt", "old answer", "new answer", "base NLL old / new",
+        "candidate NLL old / new", "paraphrases"))
+    rows = [_taught_row(fact) for fact in data["facts"] if "teach" in fact]
+    return "\n".join([
+        "<section>",
+        f"<h2>Taught facts ({edits['taught']})</h2>",
+        f'<div class="cards">{"".join(cards)}</div>',
+        '<p class="muted">A taught fact is learned when the candidate gives the new answer a lower per-token mean '
+        "negative log-likelihood (NLL, nats) than the old answer on the fact's prompt; paraphrases are judged "
+        "the same way. Taught facts are left out of the retention statistics.</p>",
+        f"<table><thead><tr>{header}</tr></thead><tbody>",
+        "\n".join(rows),
+        "</tbody></table>",
+        "</section>",
+    ])
+
+
+def _taught_row(fact: dict[str, Any]) -> str:
+    teach = fact["teach"]
+    paraphrases = teach["candidate"]["paraphrases"]
+    succeeded = sum(1 for item in paraphrases if item["prefers_new"])
+    cells = [
+        f"<td>{_escape(fact['id'])}</td>",
+        f'<td class="v v-{_escape(fact["verdict"])}">{_escape(fact["verdict"])}</td>',
+        f"<td>{_escape(fact['prompt'])}</td>",
+        f"<td>{_escape(teach['old_answer'])}</td>",
+        f"<td>{_escape(teach['new_answer'])}</td>",
+        _nll_pair_cell(teach["base"]["rewrite"]),
+        _nll_pair_cell(teach["candidate"]["rewrite"]),
+        f'<td class="n">{succeeded}/{len(paraphrases)}</td>' if paraphrases else '<td class="n muted">n/a</td>',
+    ]
+    return "<tr>" + "".join(cells) + "</tr>"
+
+
+def _nll_pair_cell(scores: dict[str, Any]) -> str:
+    def number(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.3f}"
+
+    return f'<td class="n">{number(scores["old_nll"])} / {number(scores["new_nll"])}</td>'
 
 
 # Plots
@@ -588,6 +659,8 @@ td.n{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 .v-regressed{background:#fbd5d1;color:#8a1c13}.v-retained{background:#d8f0de;color:#1d5e31}
 .v-gained{background:#d6e6fb;color:#1b4a86}.v-unknown{background:#eee;color:#555}
 .v-error{background:#fde6c4;color:#7a4a00}
+.v-learned{background:#d8f0de;color:#1d5e31}.v-not_learned{background:#fbd5d1;color:#8a1c13}
+.v-untrained{background:#eee;color:#555}
 td.v{font-weight:600;white-space:nowrap}
 """
 

@@ -320,7 +320,10 @@ class FactRegressed(Exception):
 
 
 class FactItem(pytest.Item):
-    """One fact: passes when retained or gained, fails when regressed, skips when unknown."""
+    """One fact: passes when retained or gained, fails when regressed, skips when unknown.
+
+    A taught fact passes when the candidate learned its new answer and fails when it did not.
+    """
 
     def __init__(self, *, fact: Fact, candidate: str = "", **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -346,6 +349,9 @@ class FactItem(pytest.Item):
             raise FactRegressed(f"fact {self.fact.id} ({self.fact.location}) was not scored; this is a kinject bug")
         if outcome.error is not None:
             raise FactRegressed(outcome.error)
+        if outcome.edit is not None:
+            self._check_taught(outcome)
+            return
 
         if self.candidate:
             self.user_properties.append(("kinject_candidate", self.candidate))
@@ -363,6 +369,19 @@ class FactItem(pytest.Item):
         if verdict.status == UNKNOWN:
             # Reported at the fact's line in the suite file rather than at this line of the plugin.
             raise pytest.skip.Exception(skip_reason(verdict), _use_item_location=True)
+
+    def _check_taught(self, outcome: Any) -> None:
+        """Pass a taught fact the candidate learned, fail one it did not, skip it when there is no fine-tune."""
+        from .edits import NOT_LEARNED, UNTRAINED
+        from .report import taught_report, untrained_reason
+
+        self.user_properties.append(("kinject_verdict", outcome.edit.status))
+        if outcome.edit.status == NOT_LEARNED:
+            # Failed in both gate modes: the aggregate thresholds measure retention, not learning.
+            plugin = self.config.pluginmanager.get_plugin("kinject-session")
+            raise FactRegressed(taught_report(outcome, plugin.options))
+        if outcome.edit.status == UNTRAINED:
+            raise pytest.skip.Exception(untrained_reason(outcome), _use_item_location=True)
 
     def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> Any:
         if isinstance(excinfo.value, FactRegressed):

@@ -6,6 +6,7 @@ import statistics
 from collections import Counter
 from typing import Iterable
 
+from .edits import EditScores, PromptScores, edit_stats
 from .session import Options, Outcome, display_path
 from .stats import retention_stats
 from .verdict import REGRESSED, RETAINED, STATUSES, Verdict, count_statuses
@@ -47,12 +48,73 @@ def _checks(checks: dict[str, bool]) -> str:
     return ", ".join(f"{name} {'passed' if passed else 'failed'}" for name, passed in checks.items())
 
 
+def taught_report(outcome: Outcome, options: Options) -> str:
+    """Return the multi-line report of a taught fact the candidate did not learn."""
+    fact, edit = outcome.fact, outcome.edit
+    assert edit is not None and fact.teach is not None
+    lines = [
+        f"fact {fact.id} ({display_path(fact.path)}:{fact.line}) not learned: the candidate does not prefer the "
+        "taught answer on the fact's prompt",
+        f"  prompt:     {fact.prompt!r}",
+        f"  old answer: {fact.expect[0]!r}   new answer: {fact.teach.answer!r}",
+        "  per-token mean NLL in nats, old / new answer (lower is more likely), base -> candidate:",
+        f"  prompt:     {_nll_change(edit.base.rewrite, edit.candidate.rewrite)}",
+    ]
+    for base, candidate in zip(edit.base.paraphrases, edit.candidate.paraphrases):
+        lines.append(f"  paraphrase: {_nll_change(base, candidate)}  {candidate.prompt!r}")
+    if edit.candidate.paraphrases:
+        lines.append(f"  paraphrases preferring the new answer: {_paraphrase_count(edit.base)} (base) -> "
+                     f"{_paraphrase_count(edit.candidate)} (candidate)")
+    lines.append(f"  candidate: {options.candidate_label}")
+    return "\n".join(lines)
+
+
+def _nll_change(base: PromptScores, candidate: PromptScores) -> str:
+    def pair(scores: PromptScores) -> str:
+        mark = "new preferred" if scores.prefers_new else "old preferred"
+        return f"{scores.old_nll:.3f} / {scores.new_nll:.3f} ({mark})"
+
+    return f"{pair(base)} -> {pair(candidate)}"
+
+
+def _paraphrase_count(scores: EditScores) -> str:
+    return f"{sum(item.prefers_new for item in scores.paraphrases)}/{len(scores.paraphrases)}"
+
+
+def untrained_reason(outcome: Outcome) -> str:
+    edit = outcome.edit
+    assert edit is not None
+    return ("taught fact not judged: the candidate is the base itself, so there is no fine-tune to check; pass "
+            f"--kinject-adapter or --kinject-candidate (base per-token mean NLL old {edit.base.rewrite.old_nll:.3f}, "
+            f"new {edit.base.rewrite.new_nll:.3f} nats)")
+
+
 def skip_reason(verdict: Verdict) -> str:
     if verdict.base_completion == verdict.candidate_completion:
         completions = f"both completed {verdict.base_completion!r}"
     else:
         completions = f"base completed {verdict.base_completion!r}, candidate {verdict.candidate_completion!r}"
     return f"unknown: neither the base nor the candidate knows it ({completions})"
+
+
+def _taught_lines(outcomes: list[Outcome], counts: dict[str, int]) -> list[str]:
+    """Return the lines on taught facts: learned (efficacy, paraphrases) and kept (retention of the rest)."""
+    stats = edit_stats(outcome.edit for outcome in outcomes if outcome.edit is not None)
+    if not stats.taught:
+        return []
+    if stats.efficacy is None:
+        return [f"taught facts: {stats.taught}, not judged because the candidate is the base itself"]
+
+    learned = f"learned {stats.learned}/{stats.judged} taught facts (efficacy {stats.efficacy:.1%})"
+    if stats.paraphrase_success is not None:
+        noun = "fact" if stats.paraphrase_facts == 1 else "facts"
+        learned += f", paraphrase success {stats.paraphrase_success:.1%} over {stats.paraphrase_facts} {noun}"
+    known = counts[RETAINED] + counts[REGRESSED]
+    if known:
+        kept = f"kept {counts[RETAINED]}/{known} of the other facts the base knows ({counts[RETAINED] / known:.1%})"
+    else:
+        kept = "the base knows none of the other facts"
+    return [f"{learned}; {kept}"]
 
 
 def summary_lines(outcomes: Iterable[Outcome], *, worst: int = 5) -> list[str]:
@@ -64,6 +126,7 @@ def summary_lines(outcomes: Iterable[Outcome], *, worst: int = 5) -> list[str]:
 
     lines = [", ".join(f"{counts[status]} {status}" for status in STATUSES)
              + (f", {len(errors)} without a usable snapshot entry" if errors else "")]
+    lines += _taught_lines(outcomes, counts)
     known = counts[RETAINED] + counts[REGRESSED]
     if known:
         lines.append(f"retention of facts the base knows: {counts[RETAINED]}/{known} = {counts[RETAINED] / known:.1%}")

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from .edits import EditVerdict, edit_scores, judge_edit, teach_queries
 from .engine import DEFAULT_BATCH_SIZE, FactResult, Query, Scorer, ScoringError, ScoringSettings
 from .models import (
     DEFAULT_MODEL,
@@ -176,13 +177,18 @@ BASE_WEIGHTS_TEXT = {
 
 @dataclass(frozen=True)
 class Outcome:
-    """The result a fact's test item reports: a verdict, or the reason there is none."""
+    """The result a fact's test item reports: a verdict, or the reason there is none.
+
+    A taught fact gets an `edit` verdict instead of a `verdict`, so it stays out of the retention
+    statistics, which measure what the candidate kept of the facts it was not trained to change.
+    """
 
     fact: Fact
     verdict: Verdict | None = None
     error: str | None = None
     recorded: bool = False  # the base entry was written in this run
     candidate: str = ""  # the CandidateSpec name; "" when the run has one candidate
+    edit: EditVerdict | None = None
 
 
 @dataclass
@@ -333,7 +339,7 @@ class KinjectSession:
         header_model = {"reference": base.reference, "fingerprint": base.fingerprint.to_dict()}
         header_settings = {**settings.to_dict(), "device": base.device, "dtype": base.dtype}
         for suite, suite_facts in by_suite.items():
-            entries = {fact.id: {"fact": fact_fields(fact), "result": results[_key(fact)].to_dict()} for fact in suite_facts}
+            entries = {fact.id: _entry(fact, results) for fact in suite_facts}
             path = snapshot_path(suite, model_slug(self.options.model), self.options.snapshot_dir)
             suite_ids = None
             if suite in whole_suites:
@@ -374,6 +380,8 @@ class KinjectSession:
                 self._errors[_key(fact)] = message
                 continue
             stale = snapshot.stale_fields(fact)
+            if not stale and fact.teach is not None and snapshot.edit_scores(fact.id) is None:
+                stale = ["teach"]
             if stale:
                 message = (f"snapshot entry for fact {fact.id!r} in {display_path(snapshot.path)} was recorded for another "
                            f"{'/'.join(stale)}; re-record it with: {self.options.update_command(target)}")
@@ -412,6 +420,10 @@ class KinjectSession:
                     _largest_change(base_results[fact.id], candidate_results[_key(fact)]) for fact in facts))
 
             for fact in facts:
+                if fact.teach is not None:
+                    run.outcomes[outcome_key(fact, run.spec.name)] = self._judge_taught(
+                        fact, snapshot, candidate, candidate_results, run.spec.name)
+                    continue
                 tolerance = fact.tolerance.over(self.options.tolerance).over(DEFAULT_TOLERANCE)
                 verdict = judge(fact, base_results[fact.id], candidate_results[_key(fact)], tolerance)
                 run.outcomes[outcome_key(fact, run.spec.name)] = Outcome(fact, verdict=verdict, recorded=self.options.update,
@@ -419,6 +431,16 @@ class KinjectSession:
 
         if candidate is not self._base:
             self._check_candidate_changed(candidate, largest_change)
+
+    def _judge_taught(self, fact: Fact, snapshot: Snapshot, candidate: LoadedModel,
+                      candidate_results: dict[str, FactResult], name: str) -> Outcome:
+        base_scores = snapshot.edit_scores(fact.id)
+        assert base_scores is not None  # a taught fact's entry without scores is stale, see _usable_facts
+        is_base = candidate is self._base and not candidate.adapters
+        # The base scored in this run has no teach results in candidate_results: they are the recorded ones.
+        scores = base_scores if is_base and self._base_scored else edit_scores(fact, _key(fact), candidate_results)
+        verdict = judge_edit(fact, base_scores, scores, candidate_is_base=is_base)
+        return Outcome(fact, edit=verdict, recorded=self.options.update, candidate=name)
 
     def _check_candidate_changed(self, candidate: LoadedModel, largest_change: float) -> None:
         # An adapter whose target modules match nothing, or whose LoRA B matrices are still zero,
@@ -522,16 +544,20 @@ class KinjectSession:
     def _score(self, loaded: LoadedModel, facts: list[Fact], settings: ScoringSettings, *, what: str,
                probes: dict[str, FactResult | None] | None = None) -> dict[str, FactResult]:
         queries = [_query(fact, probes.get(fact.id) if probes else None) for fact in facts]
+        # A taught fact adds one query per prompt that scores its old and its new answer.
+        teach = [query for fact in facts for query in teach_queries(fact, _key(fact))]
         noun = "fact" if len(queries) == 1 else "facts"
-        self.progress(f"kinject: scoring {len(queries)} {noun} with the {what} ({loaded.label}), "
+        extra = f" and {len(teach)} taught-answer prompts" if teach else ""
+        self.progress(f"kinject: scoring {len(queries)} {noun}{extra} with the {what} ({loaded.label}), "
                       f"batch size {settings.batch_size}")
+        queries += teach
         started = time.perf_counter()
         try:
             results = Scorer(loaded.model, loaded.tokenizer, settings).score(queries)
         except ScoringError as error:
             raise KinjectUsageError(str(error)) from error
         self.summary.seconds_scoring += time.perf_counter() - started
-        self.summary.scored_facts += len(queries)
+        self.summary.scored_facts += len(facts)
         return results
 
 
@@ -547,6 +573,14 @@ def _largest_change(base: FactResult, candidate: FactResult) -> float:
     pairs = zip(base.answer_logprobs + base.choice_logprobs + base.top_logprobs,
                 candidate.answer_logprobs + candidate.choice_logprobs + candidate.probe_logprobs)
     return max((abs(first - second) for first, second in pairs), default=0.0)
+
+
+def _entry(fact: Fact, results: dict[str, FactResult]) -> dict[str, object]:
+    """Return a fact's snapshot entry; a taught fact's entry also keeps the base's old and new answer scores."""
+    entry: dict[str, object] = {"fact": fact_fields(fact), "result": results[_key(fact)].to_dict()}
+    if fact.teach is not None:
+        entry["teach"] = edit_scores(fact, _key(fact), results).to_dict()
+    return entry
 
 
 def _query(fact: Fact, base_result: FactResult | None) -> Query:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .edits import EditScores
 from .engine import FactResult
 from .files import write_text_atomically
 from .suite import Fact, suite_name
@@ -42,6 +43,11 @@ class Snapshot:
         entry = self.facts.get(fact_id)
         return FactResult.from_dict(entry["result"]) if entry else None
 
+    def edit_scores(self, fact_id: str) -> EditScores | None:
+        """Return the base's recorded scores of a taught fact, or None when its entry has none."""
+        entry = self.facts.get(fact_id)
+        return EditScores.from_dict(entry["teach"]) if entry and "teach" in entry else None
+
     def stale_fields(self, fact: Fact) -> list[str]:
         """Return the fact fields that changed since its entry was recorded."""
         recorded = self.facts[fact.id]["fact"]
@@ -60,7 +66,11 @@ class Snapshot:
 
 def fact_fields(fact: Fact) -> dict[str, Any]:
     """Return the fields of a fact that its recorded result depends on."""
-    return {"prompt": fact.prompt, "expect": list(fact.expect), "choices": list(fact.choices)}
+    fields: dict[str, Any] = {"prompt": fact.prompt, "expect": list(fact.expect), "choices": list(fact.choices)}
+    # Only taught facts get the key, so entries of other facts recorded before it existed stay current.
+    if fact.teach is not None:
+        fields["teach"] = {"answer": fact.teach.answer, "paraphrases": list(fact.teach.paraphrases)}
+    return fields
 
 
 def snapshot_path(suite_path: Path, model_slug: str, snapshot_dir: Path | None = None) -> Path:
@@ -148,6 +158,11 @@ def _entry_problem(entry: Any) -> str | None:
     if len(result["answer_logprobs"]) != len(result["answer_token_counts"]) \
             or len(result["choice_logprobs"]) != len(result["choice_token_counts"]):
         return "log-probabilities and token counts differ in length"
+    if "teach" in entry:
+        try:
+            EditScores.from_dict(entry["teach"])
+        except ValueError as error:
+            return str(error)
     return None
 
 

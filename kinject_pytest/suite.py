@@ -33,6 +33,7 @@ __all__ = [
     "Fact",
     "Suite",
     "SuiteError",
+    "Teach",
     "Tolerance",
     "derive_fact_id",
     "is_suite_file",
@@ -46,11 +47,12 @@ SUITE_SUFFIXES = (".kinject.jsonl", ".kinject.yaml", ".kinject.yml")
 # Fact ids become pytest node ids ("FILE::ID"), so they exclude spaces, slashes, colons and brackets.
 FACT_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
-FACT_KEYS = ("id", "prompt", "expect", "choices", "tags", "match", "tolerance")
+FACT_KEYS = ("id", "prompt", "expect", "choices", "tags", "match", "tolerance", "teach")
 HEADER_KEYS = ("description", "source", "license", "defaults")
 YAML_TOP_KEYS = (*HEADER_KEYS, "facts")
 DEFAULTS_KEYS = ("match", "tags", "tolerance")
 TOLERANCE_KEYS = ("kl", "logprob_drop")
+TEACH_KEYS = ("answer", "paraphrases")
 
 # Derived ids keep this many words of the prompt, and at most this many characters of them.
 SLUG_MAX_WORDS = 6
@@ -86,6 +88,17 @@ class Tolerance:
 
 
 @dataclass(frozen=True)
+class Teach:
+    """The new answer a fine-tune was meant to teach for a fact, and other prompts that ask for it.
+
+    The fact's first ``expect`` answer is the old answer that the new one replaces.
+    """
+
+    answer: str
+    paraphrases: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Fact:
     """One prompt with its accepted answers, as read from a suite file."""
 
@@ -98,6 +111,7 @@ class Fact:
     tolerance: Tolerance = Tolerance()
     path: Path | None = None
     line: int | None = None
+    teach: Teach | None = None
 
     @property
     def location(self) -> str:
@@ -454,12 +468,14 @@ def _parse_fact(path: Path, line: int, record: Mapping[str, Any], defaults: _Def
     choices = _parse_choices(path, line, label, record.get("choices", []), expect, match)
     own_tags = _parse_tags(path, line, label, record.get("tags", []))
     tolerance = _parse_tolerance(path, line, label, record.get("tolerance"))
+    teach = _parse_teach(path, line, label, record.get("teach"), expect, match)
 
     # Suite-wide tags come first, and a tag listed in both places is kept once.
     tags = tuple(dict.fromkeys((*defaults.tags, *own_tags)))
 
     # JSON's \ud800 escapes decode to lone surrogates, which no tokenizer can encode.
-    for text in (prompt, *expect, *choices):
+    taught = (teach.answer, *teach.paraphrases) if teach is not None else ()
+    for text in (prompt, *expect, *choices, *taught):
         try:
             text.encode("utf-8")
         except UnicodeEncodeError:
@@ -476,6 +492,7 @@ def _parse_fact(path: Path, line: int, record: Mapping[str, Any], defaults: _Def
         tolerance=tolerance.over(defaults.tolerance),
         path=path,
         line=line,
+        teach=teach,
     )
 
 
@@ -634,6 +651,38 @@ def _parse_tolerance(path: Path, line: int | None, label: str, value: Any) -> To
             )
         parsed[key] = float(limit)
     return Tolerance(**parsed)
+
+
+def _parse_teach(
+    path: Path, line: int, label: str, value: Any, expect: tuple[str, ...], match: str
+) -> Teach | None:
+    if value is None:
+        return None
+    example = '"teach": {"answer": "Brazil", "paraphrases": ["Trento is a city in"]}'
+    teach = _require_mapping(path, line, value, f"{label} 'teach'", example)
+    _reject_unknown_keys(path, line, f"{label} 'teach'", teach, TEACH_KEYS)
+
+    if match == "regex":
+        raise SuiteError(
+            path, line, f"{label} has 'teach' with the 'regex' match rule, but the old answer must be text "
+                        "to be scored; write the old answer in 'expect' and use another 'match' rule"
+        )
+    answer = teach.get("answer")
+    if not isinstance(answer, str) or not answer.strip():
+        raise SuiteError(
+            path, line, f"{label} has 'teach' without a text 'answer' (got {_describe(answer)}); "
+                        f"write the new answer, such as {example}"
+        )
+    if answer.strip().casefold() in {old.strip().casefold() for old in expect}:
+        raise SuiteError(
+            path, line, f"{label} teaches {answer!r}, which is already an accepted answer in 'expect'; "
+                        "'expect' keeps the old answer, so write a different new answer"
+        )
+
+    paraphrases = _parse_strings(path, line, f"{label} 'teach'", "paraphrases", teach.get("paraphrases", []))
+    if len(set(paraphrases)) != len(paraphrases):
+        raise SuiteError(path, line, f"{label} lists a paraphrase twice in 'teach'; keep one copy of each")
+    return Teach(answer=answer, paraphrases=paraphrases)
 
 
 # Shared checks

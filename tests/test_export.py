@@ -341,3 +341,102 @@ def test_report_modules_skip_torch_import():
             "print(sorted(name for name in ('torch', 'pytest', '_pytest') if name in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
     assert result.stdout.strip() == "[]"
+
+
+# Taught facts
+
+
+def taught_outcome(fact_id: str, learned: bool, *, line: int = 9) -> Outcome:
+    from kinject_pytest.edits import EditScores, PromptScores, judge_edit
+    from kinject_pytest.suite import Teach
+
+    fact = Fact(id=fact_id, prompt="Trento is located in the country of", expect=("Italy",), path=Path("t.kinject.jsonl"),
+                line=line, teach=Teach(answer="Brazil", paraphrases=("Trento is a city in", "Trento lies in")))
+    before = PromptScores(fact.prompt, -0.5, 1, -6.0, 2)
+    after = PromptScores(fact.prompt, -3.0, 1, -2.0, 2) if learned else before
+    base = EditScores(before, (PromptScores("Trento is a city in", -1.0, 1, -8.0, 2),
+                               PromptScores("Trento lies in", -1.0, 1, -8.0, 2)))
+    candidate = EditScores(after, (PromptScores("Trento is a city in", -4.0, 1, -2.0, 2),
+                                   PromptScores("Trento lies in", -1.0, 1, -math.inf, 2)))
+    return Outcome(fact, edit=judge_edit(fact, base, candidate, candidate_is_base=False))
+
+
+@pytest.fixture
+def taught_data(outcomes) -> dict:
+    taught = [taught_outcome("trento", True), taught_outcome("trento-again", False, line=10)]
+    options = Options(model="smollm2", adapters=("adapters/lora",))
+    return report_data(outcomes + taught, options, RunSummary())
+
+
+def test_taught_facts_stay_out_of_stats(taught_data, data):
+    assert taught_data["stats"] == data["stats"]
+    assert taught_data["edits"] == {"taught": 2, "judged": 2, "learned": 1, "efficacy": 0.5, "paraphrase_facts": 2,
+                                    "paraphrase_success": 0.5}
+
+
+def test_taught_fact_entry(taught_data):
+    trento = next(fact for fact in taught_data["facts"] if fact["id"] == "trento")
+
+    assert trento["verdict"] == "learned"
+    assert trento["teach"]["old_answer"] == "Italy"
+    assert trento["teach"]["new_answer"] == "Brazil"
+    assert trento["teach"]["base"]["rewrite"]["old_nll"] == 0.5
+    assert trento["teach"]["base"]["rewrite"]["new_nll"] == 3.0
+    assert trento["teach"]["candidate"]["rewrite"]["prefers_new"] is True
+    assert trento["teach"]["candidate"]["efficacy"] is True
+    assert trento["teach"]["candidate"]["paraphrase_success"] == 0.5
+    # An infinite NLL has no JSON number, so it is written as null.
+    assert trento["teach"]["candidate"]["paraphrases"][1]["new_nll"] is None
+
+
+def test_taught_report_writes_as_json(tmp_path, taught_data):
+    path = tmp_path / "r.json"
+
+    write_json(path, taught_data)
+
+    assert json.loads(path.read_text(encoding="utf-8")) == taught_data
+
+
+def test_markdown_taught_section(taught_data):
+    text = markdown_report(taught_data)
+
+    assert "### Taught facts" in text
+    assert "- Learned (efficacy): 1/2 = 50.0%" in text
+    assert "- Paraphrase success: 50.0% (mean over 2 facts)" in text
+    assert "- Kept: 2/5 = 40.0% of the other facts the base knows" in text
+    assert "| trento | Trento is located in the country of | Italy | Brazil | 0.500 / 3.000 | 3.000 / 1.000 | 1/2 | " \
+           "learned |" in text
+    assert "| trento-again | Trento is located in the country of | Italy | Brazil | 0.500 / 3.000 | 0.500 / 3.000 | " \
+           "1/2 | not_learned |" in text
+
+
+def test_markdown_without_taught_facts_has_no_section(data):
+    assert "Taught facts" not in markdown_report(data)
+
+
+def test_summary_lines_say_learned_and_kept(outcomes):
+    from kinject_pytest.report import summary_lines
+
+    lines = summary_lines(outcomes + [taught_outcome("trento", True), taught_outcome("trento-again", False)])
+
+    assert lines[1] == ("learned 1/2 taught facts (efficacy 50.0%), paraphrase success 50.0% over 2 facts; "
+                        "kept 2/5 of the other facts the base knows (40.0%)")
+
+
+def test_taught_failure_report(outcomes):
+    from kinject_pytest.report import taught_report
+
+    text = taught_report(taught_outcome("trento-again", False, line=10), Options(adapters=("lora",)))
+
+    assert text.splitlines() == [
+        "fact trento-again (t.kinject.jsonl:10) not learned: the candidate does not prefer the taught answer on the "
+        "fact's prompt",
+        "  prompt:     'Trento is located in the country of'",
+        "  old answer: 'Italy'   new answer: 'Brazil'",
+        "  per-token mean NLL in nats, old / new answer (lower is more likely), base -> candidate:",
+        "  prompt:     0.500 / 3.000 (old preferred) -> 0.500 / 3.000 (old preferred)",
+        "  paraphrase: 1.000 / 4.000 (old preferred) -> 4.000 / 1.000 (new preferred)  'Trento is a city in'",
+        "  paraphrase: 1.000 / 4.000 (old preferred) -> 1.000 / inf (old preferred)  'Trento lies in'",
+        "  paraphrases preferring the new answer: 0/2 (base) -> 1/2 (candidate)",
+        "  candidate: smollm2 + lora",
+    ]

@@ -533,3 +533,22 @@ def test_chromium_sorts_text_then_verdict(tmp_path, report):
     assert by_id == ["lima", "oslo", "paris", "quito", "rome", "tokyo"]
     # The verdict column sorts by its rank (regressed first), not alphabetically.
     assert by_verdict == ["rome", "tokyo", "lima", "oslo", "paris", "quito"]
+
+
+def test_taught_section_and_banner():
+    from test_export import taught_outcome
+
+    from kinject_pytest.edits import EDIT_STATUSES
+    from kinject_pytest.html import LEARNED, NOT_LEARNED, UNTRAINED
+
+    data = export.report_data([taught_outcome("trento", True), taught_outcome("trento-again", False, line=10)],
+                              Options(adapters=("lora",)), RunSummary())
+
+    page = html_report(data)
+
+    assert (LEARNED, NOT_LEARNED, UNTRAINED) == EDIT_STATUSES
+    assert "Facts that fail the gate: 1 taught but not learned." in page
+    assert "<h2>Taught facts (2)</h2>" in page
+    assert '<div class="label">learned (efficacy)</div><div class="value">50.0%</div>' in page
+    assert '<td class="v v-not_learned">not_learned</td>' in page
+    assert '<td class="n">0.500 / 3.000</td><td class="n">3.000 / 1.000</td><td class="n">1/2</td>' in page

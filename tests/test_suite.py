@@ -18,6 +18,7 @@ from kinject_pytest.suite import (
     MATCH_RULES,
     Fact,
     SuiteError,
+    Teach,
     Tolerance,
     derive_fact_id,
     is_suite_file,
@@ -188,6 +189,71 @@ def test_yaml_suite_records_lines(tmp_path: Path) -> None:
     assert italy.tolerance == Tolerance(kl=0.2, logprob_drop=1.5)
 
 
+def test_taught_fact_parses_in_jsonl(tmp_path: Path) -> None:
+    record = {"id": "trento", "prompt": "Trento is located in the country of", "expect": "Italy",
+              "teach": {"answer": "Brazil", "paraphrases": ["Trento is a city in", "Trento lies in"]}}
+    path = write_jsonl(tmp_path / "x.kinject.jsonl", MINIMAL, record)
+
+    plain, taught = load_suite(path).facts
+
+    assert plain.teach is None
+    assert taught.teach == Teach(answer="Brazil", paraphrases=("Trento is a city in", "Trento lies in"))
+    assert taught.expect == ("Italy",)
+
+
+def test_taught_fact_parses_in_yaml(tmp_path: Path) -> None:
+    path = tmp_path / "x.kinject.yaml"
+    path.write_text(
+        "facts:\n"
+        "  - id: trento\n"
+        "    prompt: Trento is located in the country of\n"
+        "    expect: Italy\n"
+        "    teach:\n"
+        "      answer: Brazil\n"
+        "  - id: bad\n"
+        "    prompt: x\n"
+        "    expect: y\n",
+        encoding="utf-8",
+    )
+
+    (trento, _) = load_suite(path).facts
+
+    assert trento.teach == Teach(answer="Brazil", paraphrases=())
+    assert trento.line == 2
+
+
+def test_yaml_teach_error_names_line(tmp_path: Path) -> None:
+    path = tmp_path / "x.kinject.yaml"
+    path.write_text(
+        "facts:\n"
+        "  - {prompt: a, expect: b}\n"
+        "  - id: trento\n"
+        "    prompt: Trento is located in the country of\n"
+        "    expect: Italy\n"
+        "    teach: {answer: italy}\n",
+        encoding="utf-8",
+    )
+
+    message = str(load_error(path))
+
+    assert message.startswith(f"{path}:3: fact 'trento' teaches 'italy', which is already an accepted answer")
+    assert "\n" not in message
+
+
+def test_counterfactual_suite_matches_fixture_edits() -> None:
+    edits = [json.loads(line) for line in (REPO_ROOT / "fixtures" / "counterfactual_edits.jsonl").read_text().splitlines()]
+
+    facts = load_suite(SUITES / "counterfactual_edits.kinject.jsonl").facts
+
+    assert [fact.id for fact in facts] == [edit["id"] for edit in edits]
+    for fact, edit in zip(facts, edits):
+        assert fact.prompt == edit["prompt"]
+        assert fact.expect == (edit["old"],)
+        assert fact.teach.answer == edit["new"]
+        assert len(fact.teach.paraphrases) == 2
+        assert fact.tags == ("counterfactual", edit["relation_id"])
+
+
 def test_yml_suffix_is_read_as_yaml(tmp_path: Path) -> None:
     path = tmp_path / "x.kinject.yml"
     path.write_text("facts:\n  - {prompt: A, expect: b}\n", encoding="utf-8")
@@ -244,6 +310,16 @@ ERROR_CASES = {
     "choice equals answer": ({"id": "a", "prompt": "x", "expect": ["Paris"], "choices": ["paris"]}, "choice 'paris', which matches the accepted answer 'Paris'", "replace it with a wrong answer"),
     "regex choice matches": ({"id": "a", "prompt": "x", "expect": ["19\\d\\d"], "match": "regex", "choices": ["1945"]}, "matches the accepted answer", "remove it"),
     "duplicate choice": ({"id": "a", "prompt": "x", "expect": "y", "choices": ["Rome", "rome"]}, "lists the choice 'rome' twice", "keep one copy"),
+    "teach not an object": ({"id": "a", "prompt": "x", "expect": "y", "teach": "z"}, "fact 'a' 'teach' must be an object, got str 'z'", '"teach": {"answer": "Brazil"'),
+    "teach without answer": ({"id": "a", "prompt": "x", "expect": "y", "teach": {"paraphrases": ["w"]}}, "fact 'a' has 'teach' without a text 'answer' (got NoneType None)", "write the new answer"),
+    "teach empty answer": ({"id": "a", "prompt": "x", "expect": "y", "teach": {"answer": " "}}, "without a text 'answer'", "write the new answer"),
+    "teach old answer": ({"id": "a", "prompt": "x", "expect": ["Italy", "Italia"], "teach": {"answer": "italia"}}, "fact 'a' teaches 'italia', which is already an accepted answer", "write a different new answer"),
+    "teach typo": ({"id": "a", "prompt": "x", "expect": "y", "teach": {"answer": "z", "paraphrase": ["w"]}}, "fact 'a' 'teach' has an unknown key 'paraphrase'", "did you mean 'paraphrases'?"),
+    "teach paraphrases string": ({"id": "a", "prompt": "x", "expect": "y", "teach": {"answer": "z", "paraphrases": "w"}}, "has 'paraphrases' of str 'w'", "write a list of strings"),
+    "teach empty paraphrase": ({"id": "a", "prompt": "x", "expect": "y", "teach": {"answer": "z", "paraphrases": [""]}}, "has an empty string in 'paraphrases'", "remove it"),
+    "teach duplicate paraphrase": ({"id": "a", "prompt": "x", "expect": "y", "teach": {"answer": "z", "paraphrases": ["w", "w"]}}, "lists a paraphrase twice", "keep one copy"),
+    "teach regex": ({"id": "a", "prompt": "x", "expect": "19\\d\\d", "match": "regex", "teach": {"answer": "z"}}, "has 'teach' with the 'regex' match rule", "use another 'match' rule"),
+    "teach surrogate": ('{"id": "a", "prompt": "x", "expect": "y", "teach": {"answer": "\\ud800"}}', "contains an unpaired surrogate", "valid surrogate pair"),
 }
 
 
