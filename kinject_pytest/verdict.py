@@ -40,12 +40,13 @@ STATUSES = (RETAINED, REGRESSED, GAINED, UNKNOWN)
 # top_k_overlap is a fraction of the base's top-k tokens (top-20 by default) and rank_change a
 # number of places. bench/measure_tolerances.py sized both on the shipped suite's 740 facts that
 # SmolLM2 knows, against the committed float32 snapshot. The base re-scored in float32 keeps every
-# top-20 token and every rank (overlap 1.0, change 0 on all 740 facts); BF16_NOTE.
-# The fixture full fine-tune (12 steps at 3e-5) keeps a median of 0.7 of the top-20, with a
+# top-20 token and every rank (overlap 1.0, change 0 on all 740 facts). In bfloat16 its lowest
+# overlap is 0.85 and its largest fall 1 place (2 facts), so neither default flags it there.
+# The fixture full fine-tune (12 steps at 3e-5) keeps a median of 0.65 of the top-20, with a
 # minimum of 0.05. At 0.3 the check flags facts whose top-20 was mostly replaced: 16 facts on the
 # fixture LoRA adapter and 1 on the full fine-tune that no other check flags. A fall of 1 place
-# is let through, since near-ties swap neighbours. Every fall of the fixtures that is larger
-# already fails the choice check, so rank_change adds no regressed fact there.
+# is let through, since near-ties swap neighbours. On both fixtures every larger fall also fails
+# the choice check, so rank_change adds no regressed fact there.
 DEFAULT_TOLERANCE = Tolerance(kl=0.5, logprob_drop=1.0, top_k_overlap=0.3, rank_change=1)
 
 _TRAILING_PUNCTUATION = ".,;:!?\"')]"
