@@ -381,9 +381,13 @@ def _describe(change: FieldChange) -> str:
 
 
 def _is_in_nats(field_path: str) -> bool:
-    """Tell whether a field contains log-probabilities or KL, which kinject stores in nats."""
+    """Tell whether a field contains log-probabilities or KL, which kinject stores in nats.
+
+    Tolerances of those (``tolerance.kl``, ``tolerance.logprob_drop``) are in nats too, but
+    ``tolerance.top_k_overlap`` is a fraction and ``tolerance.rank_change`` a number of places.
+    """
     name = field_path.split(".")[-1].split("[")[0]
-    return "logprob" in name or name == "kl" or name.endswith("_kl") or field_path.startswith("tolerance.")
+    return "logprob" in name or name == "kl" or name.endswith("_kl")
 
 
 def _is_number(*values: Any) -> bool:

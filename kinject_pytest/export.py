@@ -14,7 +14,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from .edits import EditScores, edit_stats
 from .files import write_text_atomically
@@ -32,11 +32,14 @@ WORST_REGRESSIONS = 10
 _MARKDOWN_SPECIAL = set("\\`*_[]<>|~&#")
 
 
-def report_data(outcomes: Iterable[Outcome], options: Options, summary: RunSummary) -> dict[str, Any]:
+def report_data(outcomes: Iterable[Outcome], options: Options, summary: RunSummary,
+                gate: dict[str, Any] | None = None) -> dict[str, Any]:
     """Build the JSON-ready report of a run: settings, statistics, per-tag statistics and every fact.
 
-    Facts are sorted by fact id, then by file. Log-probabilities, drops and KL are in nats. JSON has
-    no infinity or NaN, so a non-finite number is stored as ``null``.
+    Facts are sorted by fact id, then by file. Log-probabilities, drops and KL are in nats, top-k
+    overlap is a fraction and ranks are places. JSON has no infinity or NaN, so a non-finite number
+    is stored as ``null``. ``gate`` is :func:`kinject_pytest.gate.gate_result`, or None when no
+    threshold was set.
     """
     outcomes = list(outcomes)
     verdicts = [outcome.verdict for outcome in outcomes if outcome.verdict is not None]
@@ -63,11 +66,13 @@ def report_data(outcomes: Iterable[Outcome], options: Options, summary: RunSumma
         "stats": _json_numbers(dataclasses.asdict(retention_stats(verdicts))),
         "tags": {tag: _json_numbers(dataclasses.asdict(stats)) for tag, stats in per_tag_stats(outcomes).items()},
         "edits": _json_numbers(dataclasses.asdict(edit_stats(outcome.edit for outcome in outcomes if outcome.edit is not None))),
+        "gate": gate,
         "facts": facts,
     }
 
 
-def session_report_data(runs: Sequence[CandidateRun], options: Options, summary: RunSummary) -> dict[str, Any]:
+def session_report_data(runs: Sequence[CandidateRun], options: Options, summary: RunSummary,
+                        gate: Callable[[CandidateRun], dict[str, Any] | None] | None = None) -> dict[str, Any]:
     """Build the report of a whole run: :func:`report_data`'s shape for one candidate, else one entry per candidate.
 
     Every report records where the base results came from (``base_results``: snapshot, recorded or
@@ -76,11 +81,12 @@ def session_report_data(runs: Sequence[CandidateRun], options: Options, summary:
     (``--kinject-each-adapter``) the report keeps the version, base, run and base results at the top
     and lists each candidate's report, without those keys, under ``candidates`` with its ``name``,
     ``adapters`` and ``error``. :func:`kinject_pytest.html.candidate_reports` turns it back into
-    single-candidate reports.
+    single-candidate reports. ``gate`` gives each candidate's gate result, see :func:`report_data`.
     """
     parts = []
     for run in runs:
-        data = report_data(run.outcomes.values(), options.for_candidate(run.spec), summary)
+        data = report_data(run.outcomes.values(), options.for_candidate(run.spec), summary,
+                           gate=gate(run) if gate else None)
         data.update(base_results=summary.base_results, base_weights=run.base_weights)
         parts.append((run, data))
     if len(parts) == 1 and not parts[0][0].spec.name:
@@ -121,7 +127,8 @@ def _fact_entry(outcome: Outcome, options: Options) -> dict[str, Any]:
         # Same precedence as the session uses when judging: fact, then options, then defaults.
         tolerance = fact.tolerance.over(options.tolerance).over(DEFAULT_TOLERANCE)
         entry.update(verdict=ERROR_STATUS, failed_checks=[], base_completion=None, candidate_completion=None,
-                     base_logprob=None, candidate_logprob=None, logprob_drop=None, kl=None)
+                     base_logprob=None, candidate_logprob=None, logprob_drop=None, kl=None, top_k_overlap=None,
+                     base_rank=None, candidate_rank=None, rank_change=None)
     else:
         tolerance = verdict.tolerance
         entry.update(
@@ -133,8 +140,12 @@ def _fact_entry(outcome: Outcome, options: Options) -> dict[str, Any]:
             candidate_logprob=verdict.candidate_logprob,
             logprob_drop=verdict.logprob_drop,
             kl=verdict.kl,
+            top_k_overlap=verdict.top_k_overlap,
+            base_rank=verdict.base_rank,
+            candidate_rank=verdict.candidate_rank,
+            rank_change=verdict.rank_change,
         )
-    entry["tolerance"] = {"kl": tolerance.kl, "logprob_drop": tolerance.logprob_drop}
+    entry["tolerance"] = dataclasses.asdict(tolerance)
     return _json_numbers(entry)
 
 
@@ -271,6 +282,7 @@ def _candidate_markdown(data: dict[str, Any], heading: str | None = None) -> str
         lines += [f"Not judged: {_inline(data['error'])}", ""]
     lines += _statistics_lines(stats)
     lines += _taught_lines(data)
+    lines += _gate_lines(data.get("gate"))
     lines += _tag_table(data["tags"])
     lines += _worst_regressions_table(data["facts"])
     return "\n".join(lines)
@@ -381,8 +393,9 @@ def _worst_regressions_table(facts: list[dict[str, Any]]) -> list[str]:
     lines = [
         f"### Worst regressions ({len(worst)} of {len(regressed)}, largest drop in log p(expected) first)",
         "",
-        "| fact | prompt | expected | base | candidate | drop (nats) | KL (nats) |",
-        "|---|---|---|---|---|---:|---:|",
+        "| fact | prompt | expected | base | candidate | failed checks | drop (nats) | KL (nats) | top-k overlap "
+        "| rank change |",
+        "|---|---|---|---|---|---|---:|---:|---:|---:|",
     ]
     for fact in worst:
         cells = [
@@ -391,11 +404,66 @@ def _worst_regressions_table(facts: list[dict[str, Any]]) -> list[str]:
             _cell(" / ".join(fact["expect"])),
             _cell(fact["base_completion"].strip()),
             _cell(fact["candidate_completion"].strip()),
+            _cell(", ".join(fact["failed_checks"])),
             _number(fact["logprob_drop"]),
             _number(fact["kl"]),
+            _number(fact.get("top_k_overlap"), digits=2),
+            _places(fact.get("rank_change")),
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines += _tolerance_lines(worst)
+    return lines
+
+
+def _tolerance_lines(facts: list[dict[str, Any]]) -> list[str]:
+    """State the effective tolerance of the listed facts: once when they share it, else per fact."""
+    tolerances = {json.dumps(fact["tolerance"], sort_keys=True): fact["tolerance"] for fact in facts}
+    if len(tolerances) == 1:
+        return [f"Effective tolerance: {_tolerance_text(next(iter(tolerances.values())))}.", ""]
+    lines = ["Effective tolerances:", ""]
+    lines += [f"- {_inline(fact['id'])}: {_tolerance_text(fact['tolerance'])}" for fact in facts]
     return lines + [""]
+
+
+def _tolerance_text(tolerance: dict[str, Any]) -> str:
+    def value(name: str) -> str:
+        return "n/a" if tolerance.get(name) is None else f"{tolerance[name]:g}"
+
+    return (f"kl ≤ {value('kl')} nats, logprob_drop ≤ {value('logprob_drop')} nats, "
+            f"top_k_overlap ≥ {value('top_k_overlap')}, rank_change ≤ {value('rank_change')} places")
+
+
+def _gate_lines(gate: dict[str, Any] | None) -> list[str]:
+    """Render the gate's result: one line for the thresholds over all facts, a table row per tag."""
+    if not gate:
+        return []
+    lines = [f"### Gate ({gate['mode']}): {'passed' if gate['passed'] else 'failed'}", ""]
+    if gate["thresholds"]:
+        verdict = "passed" if not gate["breaches"] else "failed: " + "; ".join(gate["breaches"])
+        lines.append(f"- All facts ({_thresholds_text(gate['thresholds'])}): {_inline(verdict)}")
+        lines.append("")
+    if gate["tags"]:
+        lines += ["| tag | thresholds | result |", "|---|---|---|"]
+        for tag, entry in gate["tags"].items():
+            if not entry["checked"]:
+                result = "not checked: no judged fact carries the tag"
+            else:
+                sentences = [sentence.removeprefix(f"tag {tag}: ") for sentence in entry["breaches"]]
+                result = "passed" if entry["passed"] else "failed: " + "; ".join(sentences)
+            lines.append(f"| {_cell(tag)} | {_cell(_thresholds_text(entry['thresholds']))} | {_cell(result)} |")
+        lines.append("")
+    return lines
+
+
+def _thresholds_text(thresholds: dict[str, Any]) -> str:
+    return ", ".join(f"{name}={value:g}" for name, value in thresholds.items())
+
+
+def _places(value: int | None) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:+d}" if value else "0"
 
 
 def _cell(text: str) -> str:
@@ -415,8 +483,8 @@ def _percent(value: float) -> str:
     return f"{value:.1%}"
 
 
-def _number(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
+def _number(value: float | None, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
 
 
 def _p_value(value: float) -> str:

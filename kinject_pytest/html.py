@@ -107,6 +107,7 @@ def _candidate_body(data: dict[str, Any], table_id: str, heading: str | None = N
     tags = _tags_in_plot_order(data["tags"])
     return "\n".join([
         _header(data, heading),
+        _gate_section(data.get("gate")),
         _taught_section(data),
         '<section class="plots">',
         f'<figure class="wide">{_logprob_change_histogram(data["facts"])}</figure>',
@@ -189,6 +190,40 @@ def _header(data: dict[str, Any], heading: str | None = None) -> str:
         f'<div class="cards">{"".join(cards)}</div>',
         "</header>",
     ])
+
+
+def _gate_section(gate: dict[str, Any] | None) -> str:
+    """Render the gate's result: the thresholds over all facts and one row per tag threshold."""
+    if not gate:
+        return ""
+    state = "passed" if gate["passed"] else "failed"
+    rows = []
+    if gate["thresholds"]:
+        rows.append(_gate_row("all facts", gate["thresholds"], True, gate["breaches"]))
+    for tag, entry in gate["tags"].items():
+        sentences = [sentence.removeprefix(f"tag {tag}: ") for sentence in entry["breaches"]]
+        rows.append(_gate_row(f"tag {tag}", entry["thresholds"], entry["checked"], sentences))
+    return "\n".join([
+        '<section class="gate">',
+        f'<h2>Gate ({_escape(gate["mode"])}): <span class="v v-{RETAINED if gate["passed"] else REGRESSED}">'
+        f"{state}</span></h2>",
+        "<table><thead><tr><th>facts</th><th>thresholds</th><th>result</th></tr></thead><tbody>",
+        *rows,
+        "</tbody></table>",
+        "</section>",
+    ])
+
+
+def _gate_row(label: str, thresholds: dict[str, Any], checked: bool, breaches: Sequence[str]) -> str:
+    limits = ", ".join(f"{name}={value:g}" for name, value in thresholds.items())
+    if not checked:
+        result, verdict = "not checked: no judged fact carries the tag", UNKNOWN
+    elif breaches:
+        result, verdict = "failed: " + "; ".join(breaches), REGRESSED
+    else:
+        result, verdict = "passed", RETAINED
+    return (f"<tr><td>{_escape(label)}</td><td>{_escape(limits)}</td>"
+            f'<td class="v-{verdict}">{_escape(result)}</td></tr>')
 
 
 def _card(label: str, value: str, note: str, verdict: str | None = None) -> str:
@@ -541,6 +576,8 @@ _COLUMNS = (
     ("log p candidate", True),
     ("drop", True),
     ("KL", True),
+    ("top-k overlap", True),
+    ("rank change", True),
     ("failed checks", False),
 )
 
@@ -552,13 +589,20 @@ def _fact_table(facts: Sequence[dict[str, Any]], table_id: str = "facts") -> str
     headers = "".join(
         f'<th tabindex="0"{_NUMERIC_HEADER if numeric else ""}>{_escape(name)}</th>' for name, numeric in _COLUMNS
     )
-    rows = [_fact_row(fact) for fact in sorted(facts, key=_default_row_order)]
+    common = _most_common_tolerance(facts)
+    rows = [_fact_row(fact, common) for fact in sorted(facts, key=_default_row_order)]
+    if all(fact.get("tolerance") == common for fact in facts):
+        tolerance_note = f"Every fact was judged with the {_tolerance_text(common or {})}."
+    else:
+        tolerance_note = (f"Most facts were judged with the {_tolerance_text(common or {})}; hover over the "
+                          "failed-checks cell of the others for theirs.")
     return "\n".join([
         "<section>",
         f"<h2>Facts ({len(facts)})</h2>",
         '<p class="muted">Regressed facts come first, largest drop first. Click a column header to sort by it, '
         "and again to reverse. Log-probabilities, drops and KL are in nats; drop is base minus candidate "
-        "log p(expected).</p>",
+        "log p(expected). Top-k overlap is the fraction of the base's top-k next tokens still in the candidate's; "
+        f"rank change is how many places the expected answer fell among the choices. {_escape(tolerance_note)}</p>",
         f'<table id="{_escape(table_id)}" class="facts"><thead><tr>{headers}</tr></thead><tbody>',
         "\n".join(rows),
         "</tbody></table>",
@@ -578,7 +622,17 @@ def _verdict_rank(verdict: str) -> int:
     return VERDICT_ORDER.index(verdict) if verdict in VERDICT_ORDER else len(VERDICT_ORDER)
 
 
-def _fact_row(fact: dict[str, Any]) -> str:
+def _most_common_tolerance(facts: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    counts: dict[str, int] = {}
+    by_key: dict[str, dict[str, Any]] = {}
+    for fact in facts:
+        key = repr(sorted((fact.get("tolerance") or {}).items()))
+        counts[key] = counts.get(key, 0) + 1
+        by_key[key] = fact.get("tolerance")
+    return by_key[max(counts, key=counts.__getitem__)] if counts else None
+
+
+def _fact_row(fact: dict[str, Any], common_tolerance: dict[str, Any] | None = None) -> str:
     verdict = fact["verdict"]
     location = fact["file"] or ""
     if fact["line"] is not None:
@@ -596,7 +650,9 @@ def _fact_row(fact: dict[str, Any]) -> str:
         _number_cell(fact["candidate_logprob"]),
         _number_cell(fact["logprob_drop"]),
         _number_cell(fact["kl"]),
-        f"<td>{_escape(failed)}</td>",
+        _number_cell(fact.get("top_k_overlap"), digits=2),
+        _number_cell(fact.get("rank_change"), digits=0),
+        _failed_checks_cell(failed, fact.get("tolerance"), common_tolerance),
     ]
     return "<tr>" + "".join(cells) + "</tr>"
 
@@ -610,10 +666,27 @@ def _completion_cell(text: str | None) -> str:
     return f"<td>{_escape(one_line)}</td>"
 
 
-def _number_cell(value: float | None) -> str:
+def _number_cell(value: float | None, digits: int = 3) -> str:
     if value is None:
         return '<td class="n muted">n/a</td>'
-    return f'<td class="n">{value:.3f}</td>'
+    return f'<td class="n">{value:.{digits}f}</td>'
+
+
+def _failed_checks_cell(text: str, tolerance: dict[str, Any] | None, common: dict[str, Any] | None) -> str:
+    # Only a tolerance that differs from the one the table's caption states gets a tooltip, which
+    # keeps a page of thousands of facts small.
+    if tolerance is None or tolerance == common:
+        return f"<td>{_escape(text)}</td>"
+    return f'<td title="{_escape(_tolerance_text(tolerance))}">{_escape(text)}</td>'
+
+
+def _tolerance_text(tolerance: dict[str, Any]) -> str:
+    """Describe an effective tolerance with every field and its unit."""
+    def value(name: str) -> str:
+        return "n/a" if tolerance.get(name) is None else f"{tolerance[name]:g}"
+
+    return (f"effective tolerance: kl ≤ {value('kl')} nats, logprob_drop ≤ {value('logprob_drop')} nats, "
+            f"top_k_overlap ≥ {value('top_k_overlap')}, rank_change ≤ {value('rank_change')} places")
 
 
 # Text

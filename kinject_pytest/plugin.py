@@ -6,7 +6,6 @@ were selected, so ``pytest --co`` in a project that has the plugin installed sta
 
 from __future__ import annotations
 
-import math
 import re
 from pathlib import Path
 from typing import Any
@@ -14,11 +13,13 @@ from typing import Any
 import pytest
 
 from .fixture import kinject  # noqa: F401  (pytest registers fixtures defined in plugin modules)
-from .suite import Fact, SuiteError, Tolerance, is_suite_file, load_suite
+from .suite import Fact, SuiteError, Tolerance, is_suite_file, load_suite, tolerance_problem
 
 outcome_key = pytest.StashKey["Any"]()
 # Number of facts in each collected suite file, to tell a whole-suite run from a selection.
 fact_counts_key = pytest.StashKey[dict[Path, int]]()
+# Every tag of every collected fact, selected or not, so a tag threshold for a misspelled tag can be rejected.
+suite_tags_key = pytest.StashKey[set[str]]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -57,6 +58,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--kinject-max-logprob-drop", metavar="NATS", type=float, default=None,
                     help="Tolerance on the drop of the expected answer's log-probability, in nats; default 1.0 "
                          "(ini: kinject_max_logprob_drop). Suite and fact tolerances win over it.")
+    group.addoption("--kinject-min-top-k-overlap", metavar="FRACTION", type=float, default=None,
+                    help="Tolerance on the fraction of the base's top-k next tokens that must stay in the "
+                         "candidate's top-k, 0 to 1; default 0.3 (ini: kinject_min_top_k_overlap). Suite, tag and "
+                         "fact tolerances win over it.")
+    group.addoption("--kinject-max-rank-change", metavar="N", type=int, default=None,
+                    help="Tolerance on how many places the expected answer may fall among the answers and "
+                         "choices, for facts with choices; default 1 (ini: kinject_max_rank_change). Suite, tag "
+                         "and fact tolerances win over it.")
     group.addoption("--kinject-report", metavar="PATH", action="append", default=[],
                     help="Write a report of every fact's verdict to PATH: .json (all numbers), .md (summary for "
                          "a pull request) or .html (one page with plots); repeat for several. The Markdown summary is "
@@ -79,6 +88,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     gate.addoption("--kinject-max-mean-kl", metavar="NATS", type=float, default=None,
                    help="Maximum mean KL(base || candidate) over facts the base knows, in nats "
                         "(ini: kinject_max_mean_kl).")
+    gate.addoption("--kinject-tag-threshold", metavar="TAG:NAME=VALUE", action="append", default=[],
+                   help="A threshold above for the facts of one tag, e.g. P36:min_retention=0.9 or "
+                        "P36:max_regressed=0,max_mean_kl=0.2; NAME is min_retention, retention_not_below, "
+                        "max_regressed or max_mean_kl. Repeatable; wins over the ini key kinject_tag_thresholds "
+                        "(one entry a line).")
 
     parser.addini("kinject_gate", "Gate mode: strict or aggregate (default: strict).", default=None)
     parser.addini("kinject_min_retention", "Minimum retention rate, as a fraction.", default=None)
@@ -90,6 +104,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                   default=False)
     parser.addini("kinject_live_base", "Score the base in this run instead of reading the snapshot (default: false).",
                   type="bool", default=False)
+    parser.addini("kinject_tag_thresholds", "Gate thresholds per tag, one TAG:NAME=VALUE[,NAME=VALUE...] a line.",
+                  type="linelist", default=[])
     parser.addini("kinject_model", "Base model reference for kinject (default: smollm2).", default=None)
     parser.addini("kinject_device", "Device kinject scores on (default: auto).", default=None)
     parser.addini("kinject_dtype", "Dtype of the model weights (default: float32).", default=None)
@@ -98,6 +114,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini("kinject_max_kl", "Tolerance on KL(base || candidate) in nats (default: 0.5).", default=None)
     parser.addini("kinject_max_logprob_drop", "Tolerance on the expected answer's log-probability drop in nats "
                   "(default: 1.0).", default=None)
+    parser.addini("kinject_min_top_k_overlap", "Tolerance on the fraction of the base's top-k tokens kept in the "
+                  "candidate's top-k (default: 0.3).", default=None)
+    parser.addini("kinject_max_rank_change", "Tolerance on the places the expected answer may fall among answers "
+                  "and choices (default: 1).", default=None)
     parser.addini("kinject_snapshot_dir", "Folder for snapshot files (default: __kinject__/ beside each suite).",
                   default=None)
 
@@ -145,7 +165,9 @@ def _options(config: pytest.Config) -> Any:
         top_k=_default(_setting(config, "top_k", int), 20),
         snapshot_dir=Path(snapshot_dir) if snapshot_dir else None,
         tolerance=Tolerance(kl=_setting(config, "max_kl", float),
-                            logprob_drop=_setting(config, "max_logprob_drop", float)),
+                            logprob_drop=_setting(config, "max_logprob_drop", float),
+                            top_k_overlap=_setting(config, "min_top_k_overlap", float),
+                            rank_change=_setting(config, "max_rank_change", int)),
         each_adapter=bool(config.getoption("kinject_each_adapter") or config.getini("kinject_each_adapter")),
         live_base=bool(config.getoption("kinject_live_base") or config.getini("kinject_live_base")),
     )
@@ -158,11 +180,13 @@ def _options(config: pytest.Config) -> Any:
     for name, value in (("--kinject-batch-size", options.batch_size), ("--kinject-top-k", options.top_k)):
         if value < 1:
             raise pytest.UsageError(f"{name}={value} is invalid; pass a positive integer")
-    for name, value in (("--kinject-max-kl", options.tolerance.kl),
-                        ("--kinject-max-logprob-drop", options.tolerance.logprob_drop)):
-        if value is not None and not (math.isfinite(value) and value >= 0):
-            raise pytest.UsageError(f"{name}={value} is invalid; pass a finite number of nats that is 0 or more "
-                                    "(it is also read from the ini key of the same name)")
+    for name, field in (("--kinject-max-kl", "kl"), ("--kinject-max-logprob-drop", "logprob_drop"),
+                        ("--kinject-min-top-k-overlap", "top_k_overlap"), ("--kinject-max-rank-change", "rank_change")):
+        value = getattr(options.tolerance, field)
+        problem = None if value is None else tolerance_problem(field, value)
+        if problem is not None:
+            raise pytest.UsageError(f"{name}={value} is invalid; pass {problem} (it is also read from the ini key "
+                                    f"kinject_{name[len('--kinject-'):].replace('-', '_')})")
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", options.device):
         raise pytest.UsageError(f"--kinject-device={options.device} is invalid; use auto, cpu, cuda, cuda:N or mps")
     from .export import SUPPORTED_SUFFIXES
@@ -174,7 +198,7 @@ def _options(config: pytest.Config) -> Any:
     return options
 
 
-def _gate(config: pytest.Config) -> tuple[str, Any]:
+def _gate(config: pytest.Config) -> tuple[str, Any, dict[str, Any]]:
     from .gate import GATE_MODES, Thresholds
 
     mode = _setting(config, "gate") or "strict"
@@ -191,10 +215,32 @@ def _gate(config: pytest.Config) -> tuple[str, Any]:
         if value is not None and not 0.0 <= value <= 1.0:
             raise pytest.UsageError(f"--kinject-{name.replace('_', '-')}={value} is invalid; pass a fraction "
                                     "between 0 and 1, e.g. 0.95")
-    if mode == "aggregate" and not thresholds.any_set:
+    tag_thresholds = _tag_thresholds(config)
+    if mode == "aggregate" and not thresholds.any_set and not tag_thresholds:
         raise pytest.UsageError("--kinject-gate=aggregate needs a threshold; add --kinject-min-retention, "
-                                "--kinject-retention-not-below, --kinject-max-regressed or --kinject-max-mean-kl")
-    return mode, thresholds
+                                "--kinject-retention-not-below, --kinject-max-regressed, --kinject-max-mean-kl "
+                                "or --kinject-tag-threshold")
+    return mode, thresholds, tag_thresholds
+
+
+def _tag_thresholds(config: pytest.Config) -> dict[str, Any]:
+    """Merge the ini key's thresholds per tag with the flag's, the flag winning for the same tag and name."""
+    from dataclasses import replace
+
+    from .gate import parse_tag_thresholds
+
+    merged: dict[str, Any] = {}
+    sources = (("ini key kinject_tag_thresholds", config.getini("kinject_tag_thresholds")),
+               ("--kinject-tag-threshold", config.getoption("kinject_tag_threshold")))
+    for source, entries in sources:
+        try:
+            parsed = parse_tag_thresholds(entries)
+        except ValueError as error:
+            raise pytest.UsageError(f"{source}: {error}") from None
+        for tag, thresholds in parsed.items():
+            set_values = {name: value for name, value in vars(thresholds).items() if value is not None}
+            merged[tag] = replace(merged[tag], **set_values) if tag in merged else thresholds
+    return merged
 
 
 def _default(value: Any, default: Any) -> Any:
@@ -207,7 +253,7 @@ class KinjectPlugin:
     def __init__(self, config: pytest.Config) -> None:
         self.config = config
         self.options = _options(config)
-        self.gate_mode, self.thresholds = _gate(config)
+        self.gate_mode, self.thresholds, self.tag_thresholds = _gate(config)
         self.session: Any = None
 
     def pytest_collect_file(self, file_path: Path, parent: pytest.Collector) -> pytest.Collector | None:
@@ -220,6 +266,7 @@ class KinjectPlugin:
         items = [item for item in session.items if isinstance(item, FactItem)]
         if not items or self.config.getoption("collectonly"):
             return
+        self._check_threshold_tags()
 
         from .session import KinjectSession, KinjectUsageError
 
@@ -235,10 +282,30 @@ class KinjectPlugin:
         for item in items:
             item.stash[outcome_key] = outcomes.get(item.outcome_key)
         # Added after -k/-m deselection, so the gate judges exactly the selected facts, once per candidate.
-        if self.thresholds.any_set:
+        if self.thresholds.any_set or self.tag_thresholds:
             for run in self.session.runs:
                 name = f"kinject-gate[{run.spec.name}]" if run.spec.name else "kinject-gate"
                 session.items.append(GateItem.from_parent(session, name=name, nodeid=name, candidate=run.spec.name))
+
+    def _check_threshold_tags(self) -> None:
+        """Reject a tag threshold whose tag no collected fact carries, because the tag is most likely misspelled."""
+        import difflib
+
+        collected = self.config.stash.get(suite_tags_key, set())
+        for tag in self.tag_thresholds:
+            if tag not in collected:
+                close = difflib.get_close_matches(tag, sorted(collected), n=1)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                raise pytest.UsageError(f"--kinject-tag-threshold names the tag {tag!r}, which no collected fact "
+                                        f"carries; {hint}fix the tag name (also read from kinject_tag_thresholds)")
+
+    def gate_result(self, run: Any) -> dict[str, Any] | None:
+        """Return the gate's outcome for one candidate's report, or None when no threshold is set."""
+        from .gate import gate_result
+
+        if not (self.thresholds.any_set or self.tag_thresholds):
+            return None
+        return gate_result(run.outcomes.values(), self.gate_mode, self.thresholds, self.tag_thresholds)
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         if self.session is None or not self.session.outcomes:
@@ -268,7 +335,7 @@ class KinjectPlugin:
         from .export import append_step_summary, markdown_report, session_report_data, write_reports
 
         paths = self.config.getoption("kinject_report")
-        data = session_report_data(self.session.runs, self.options, self.session.summary)
+        data = session_report_data(self.session.runs, self.options, self.session.summary, gate=self.gate_result)
         try:
             write_reports(paths, data)
         except OSError as error:
@@ -298,6 +365,7 @@ class SuiteFile(pytest.File):
         suite = load_suite(self.path)
         self.config.stash.setdefault(fact_counts_key, {})[Path(self.path)] = len(suite.facts)
         plugin = self.config.pluginmanager.get_plugin("kinject-session")
+        self.config.stash.setdefault(suite_tags_key, set()).update(tag for fact in suite.facts for tag in fact.tags)
         for fact in suite.facts:
             # With --kinject-each-adapter, one item per adapter: "fact-id[adapter-name]".
             for spec in plugin.options.candidates:
@@ -361,6 +429,10 @@ class FactItem(pytest.Item):
             self.user_properties.append(("kinject_kl_nats", f"{verdict.kl:.6f}"))
         if verdict.logprob_drop is not None:
             self.user_properties.append(("kinject_logprob_drop_nats", f"{verdict.logprob_drop:.6f}"))
+        if verdict.top_k_overlap is not None:
+            self.user_properties.append(("kinject_top_k_overlap", f"{verdict.top_k_overlap:.4f}"))
+        if verdict.rank_change is not None:
+            self.user_properties.append(("kinject_rank_change", str(verdict.rank_change)))
         if verdict.status == REGRESSED:
             plugin = self.config.pluginmanager.get_plugin("kinject-session")
             if plugin.gate_mode == "aggregate":
@@ -401,12 +473,19 @@ class GateItem(pytest.Item):
         self.candidate = candidate
 
     def runtest(self) -> None:
-        from .gate import breaches
+        import warnings
+
+        from .gate import breaches, tag_breaches, unmatched_tags
+        from .session import KinjectWarning
 
         plugin = self.config.pluginmanager.get_plugin("kinject-session")
         run = next(run for run in plugin.session.runs if run.spec.name == self.candidate)
-        found = breaches([outcome.verdict for outcome in run.outcomes.values() if outcome.verdict is not None],
-                         plugin.thresholds)
+        outcomes = list(run.outcomes.values())
+        found = breaches([outcome.verdict for outcome in outcomes if outcome.verdict is not None], plugin.thresholds)
+        found += tag_breaches(outcomes, plugin.tag_thresholds)
+        for tag in unmatched_tags(outcomes, plugin.tag_thresholds):
+            warnings.warn(f"the thresholds of tag {tag} were not checked: no selected fact with a snapshot entry "
+                          "carries it", KinjectWarning, stacklevel=1)
         if run.error is not None:
             found = [f"the candidate was not judged: {run.error}"]
         self.user_properties.append(("kinject_gate", "failed" if found else "passed"))

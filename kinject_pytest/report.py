@@ -9,6 +9,7 @@ from typing import Iterable
 from .edits import EditScores, PromptScores, edit_stats
 from .session import Options, Outcome, display_path
 from .stats import retention_stats
+from .suite import Tolerance
 from .verdict import REGRESSED, RETAINED, STATUSES, Verdict, count_statuses
 
 _CHECK_NAMES = {
@@ -16,7 +17,26 @@ _CHECK_NAMES = {
     "choice": "expected answer no longer beats the choices",
     "kl": "next-token distribution moved",
     "logprob_drop": "expected answer became less likely",
+    "top_k_overlap": "base's top-k next tokens left the candidate's top-k",
+    "rank_change": "expected answer fell among the choices",
 }
+
+
+def _fraction(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+def _places(value: int | None) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:+d}" if value else "0"
+
+
+def tolerance_text(tolerance: Tolerance) -> str:
+    """Return every field of an effective tolerance with its unit, e.g. for a failure report."""
+    return (f"kl <= {_nats(tolerance.kl)} nats, logprob_drop <= {_nats(tolerance.logprob_drop)} nats, "
+            f"top_k_overlap >= {_fraction(tolerance.top_k_overlap)}, "
+            f"rank_change <= {'n/a' if tolerance.rank_change is None else tolerance.rank_change} places")
 
 
 def _nats(value: float | None) -> str:
@@ -28,7 +48,7 @@ def failure_report(outcome: Outcome, options: Options) -> str:
     fact, verdict = outcome.fact, outcome.verdict
     assert verdict is not None
     tolerance = verdict.tolerance
-    reasons = "; ".join(_CHECK_NAMES[name] for name in verdict.failed_checks)
+    reasons = "; ".join(f"{_CHECK_NAMES[name]} ({name})" for name in verdict.failed_checks)
     lines = [
         f"fact {fact.id} ({display_path(fact.path)}:{fact.line}) regressed: {reasons}",
         f"  prompt:     {fact.prompt!r}",
@@ -38,6 +58,15 @@ def failure_report(outcome: Outcome, options: Options) -> str:
         f"  checks:     base {_checks(verdict.base_checks)}; candidate {_checks(verdict.candidate_checks)}",
         f"  logprob drop: {_nats(verdict.logprob_drop)} nats (tolerance {_nats(tolerance.logprob_drop)})",
         f"  KL(base || candidate): {_nats(verdict.kl)} nats over the base's top-k (tolerance {_nats(tolerance.kl)})",
+        f"  top-k overlap: {_fraction(verdict.top_k_overlap)} of the base's top-k tokens in the candidate's "
+        f"(tolerance {_fraction(tolerance.top_k_overlap)})",
+    ]
+    if verdict.base_rank is not None:
+        lines.append(f"  rank of the expected answer against {len(fact.choices)} choices: base {verdict.base_rank}, "
+                     f"candidate {verdict.candidate_rank}, change {_places(verdict.rank_change)} places "
+                     f"(tolerance {tolerance.rank_change})")
+    lines += [
+        f"  effective tolerance: {tolerance_text(tolerance)}",
         f"  candidate: {options.candidate_label}",
         "  if the change is intended, re-record the base snapshot with --kinject-update",
     ]

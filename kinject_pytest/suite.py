@@ -20,8 +20,8 @@ import math
 import os
 import re
 import unicodedata
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +37,10 @@ __all__ = [
     "Tolerance",
     "derive_fact_id",
     "is_suite_file",
+    "strictest",
     "load_suite",
     "suite_name",
+    "tolerance_problem",
 ]
 
 MATCH_RULES = ("prefix", "exact", "contains", "regex")
@@ -48,10 +50,10 @@ SUITE_SUFFIXES = (".kinject.jsonl", ".kinject.yaml", ".kinject.yml")
 FACT_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 FACT_KEYS = ("id", "prompt", "expect", "choices", "tags", "match", "tolerance", "teach")
-HEADER_KEYS = ("description", "source", "license", "defaults")
+HEADER_KEYS = ("description", "source", "license", "defaults", "tag_tolerances")
 YAML_TOP_KEYS = (*HEADER_KEYS, "facts")
 DEFAULTS_KEYS = ("match", "tags", "tolerance")
-TOLERANCE_KEYS = ("kl", "logprob_drop")
+TOLERANCE_KEYS = ("kl", "logprob_drop", "top_k_overlap", "rank_change")
 TEACH_KEYS = ("answer", "paraphrases")
 
 # Derived ids keep this many words of the prompt, and at most this many characters of them.
@@ -74,17 +76,41 @@ class SuiteError(ValueError):
 
 @dataclass(frozen=True)
 class Tolerance:
-    """Allowed change between base and candidate, in nats. `None` leaves the limit to the fallback."""
+    """Allowed change between base and candidate. `None` leaves the limit to the fallback."""
 
-    kl: float | None = None
-    logprob_drop: float | None = None
+    kl: float | None = None  # maximum KL(base || candidate) over the base's top-k, nats
+    logprob_drop: float | None = None  # maximum drop of the best accepted answer's log-probability, nats
+    top_k_overlap: float | None = None  # minimum fraction of the base's top-k tokens in the candidate's top-k
+    rank_change: int | None = None  # maximum places the best accepted answer may fall among answers and choices
 
     def over(self, fallback: Tolerance) -> Tolerance:
         """Lay this tolerance over `fallback`: limits set here win, unset ones come from `fallback`."""
         return Tolerance(
             kl=self.kl if self.kl is not None else fallback.kl,
             logprob_drop=self.logprob_drop if self.logprob_drop is not None else fallback.logprob_drop,
+            top_k_overlap=self.top_k_overlap if self.top_k_overlap is not None else fallback.top_k_overlap,
+            rank_change=self.rank_change if self.rank_change is not None else fallback.rank_change,
         )
+
+
+def strictest(tolerances: Iterable[Tolerance]) -> Tolerance:
+    """Combine tolerances field by field, keeping the strictest limit each sets.
+
+    The strictest limit is the smallest for `kl`, `logprob_drop` and `rank_change`, and the largest
+    for `top_k_overlap`, which is a minimum. A field none of them sets stays `None`.
+    """
+    tolerances = list(tolerances)
+
+    def pick(name: str, choose: Callable[[list[Any]], Any]) -> Any:
+        values = [getattr(tolerance, name) for tolerance in tolerances if getattr(tolerance, name) is not None]
+        return choose(values) if values else None
+
+    return Tolerance(
+        kl=pick("kl", min),
+        logprob_drop=pick("logprob_drop", min),
+        top_k_overlap=pick("top_k_overlap", max),
+        rank_change=pick("rank_change", min),
+    )
 
 
 @dataclass(frozen=True)
@@ -133,6 +159,8 @@ class Suite:
     description: str = ""
     source: str = ""
     license: str = ""
+    # Tolerance of each tag named in the header's `tag_tolerances`; already applied to the facts.
+    tag_tolerances: Mapping[str, Tolerance] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -388,6 +416,8 @@ class _Settings:
     source: str
     license: str
     defaults: _Defaults
+    tag_tolerances: Mapping[str, Tolerance]
+    tag_tolerances_line: int | None
 
 
 def _parse_header(path: Path, header: Mapping[str, Any], line_of: Callable[[str], int | None]) -> _Settings:
@@ -408,7 +438,9 @@ def _parse_header(path: Path, header: Mapping[str, Any], line_of: Callable[[str]
         texts[key] = value
 
     defaults = _parse_defaults(path, line_of("defaults"), header.get("defaults"))
-    return _Settings(texts["description"], texts["source"], texts["license"], defaults)
+    tag_line = line_of("tag_tolerances")
+    tag_tolerances = _parse_tag_tolerances(path, tag_line, header.get("tag_tolerances"))
+    return _Settings(texts["description"], texts["source"], texts["license"], defaults, tag_tolerances, tag_line)
 
 
 def _parse_defaults(path: Path, line: int | None, value: Any) -> _Defaults:
@@ -424,12 +456,48 @@ def _parse_defaults(path: Path, line: int | None, value: Any) -> _Defaults:
     return _Defaults(match=match, tags=tags, tolerance=tolerance)
 
 
+def _parse_tag_tolerances(path: Path, line: int | None, value: Any) -> dict[str, Tolerance]:
+    if value is None:
+        return {}
+    example = '"tag_tolerances": {"geography": {"kl": 0.2}}'
+    mapping = _require_mapping(path, line, value, "suite 'tag_tolerances'", example)
+
+    parsed = {}
+    for tag, limits in mapping.items():
+        _parse_tags(path, line, "suite 'tag_tolerances'", [tag])
+        if limits is None:
+            raise SuiteError(path, line, f"suite 'tag_tolerances' has no tolerance for tag {tag!r}; "
+                                         f"write it as {example}, or remove the tag")
+        parsed[tag] = _parse_tolerance(path, line, f"tag {tag!r}", limits)
+    return parsed
+
+
+def _check_tag_tolerances_used(path: Path, settings: _Settings, facts: list[Fact]) -> None:
+    """Reject a tag tolerance for a tag that no fact carries.
+
+    A misspelled tag would otherwise leave the facts it was meant for at a looser limit, silently.
+    """
+    carried = {tag for fact in facts for tag in fact.tags}
+    for tag in settings.tag_tolerances:
+        if tag not in carried:
+            close = difflib.get_close_matches(tag, sorted(carried), n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise SuiteError(path, settings.tag_tolerances_line,
+                             f"suite 'tag_tolerances' names the tag {tag!r}, which no fact carries; "
+                             f"{hint}fix the tag name or remove its tolerance")
+
+
+def _tag_tolerance(tags: tuple[str, ...], tag_tolerances: Mapping[str, Tolerance]) -> Tolerance:
+    """Return the strictest tolerance among a fact's tags, field by field."""
+    return strictest(tag_tolerances[tag] for tag in tags if tag in tag_tolerances)
+
+
 def _build_suite(path: Path, settings: _Settings, records: list[tuple[int, dict[str, Any]]]) -> Suite:
     facts: list[Fact] = []
     first_line_of: dict[str, int] = {}
 
     for line, record in records:
-        fact = _parse_fact(path, line, record, settings.defaults)
+        fact = _parse_fact(path, line, record, settings.defaults, settings.tag_tolerances)
         if fact.id in first_line_of:
             raise SuiteError(
                 path,
@@ -438,6 +506,7 @@ def _build_suite(path: Path, settings: _Settings, records: list[tuple[int, dict[
             )
         first_line_of[fact.id] = line
         facts.append(fact)
+    _check_tag_tolerances_used(path, settings, facts)
 
     return Suite(
         path=path,
@@ -446,10 +515,13 @@ def _build_suite(path: Path, settings: _Settings, records: list[tuple[int, dict[
         description=settings.description,
         source=settings.source,
         license=settings.license,
+        tag_tolerances=settings.tag_tolerances,
     )
 
 
-def _parse_fact(path: Path, line: int, record: Mapping[str, Any], defaults: _Defaults) -> Fact:
+def _parse_fact(
+    path: Path, line: int, record: Mapping[str, Any], defaults: _Defaults, tag_tolerances: Mapping[str, Tolerance]
+) -> Fact:
     given_id = record.get("id")
     label = f"fact {given_id!r}" if isinstance(given_id, str) and given_id else "fact"
     _reject_unknown_keys(path, line, label, record, FACT_KEYS)
@@ -482,6 +554,10 @@ def _parse_fact(path: Path, line: int, record: Mapping[str, Any], defaults: _Def
             raise SuiteError(path, line, f"{label} contains an unpaired surrogate ({ascii(text)[:60]}); "
                                          "write the character itself or a valid surrogate pair") from None
 
+    # Nearest wins: the fact's own limits, then its tags' (the strictest when several tags set one),
+    # then the suite defaults. The session lays the command line, ini file and built-in defaults below.
+    effective = tolerance.over(_tag_tolerance(tags, tag_tolerances)).over(defaults.tolerance)
+
     return Fact(
         id=fact_id,
         prompt=prompt,
@@ -489,7 +565,7 @@ def _parse_fact(path: Path, line: int, record: Mapping[str, Any], defaults: _Def
         choices=choices,
         tags=tags,
         match=match,
-        tolerance=tolerance.over(defaults.tolerance),
+        tolerance=effective,
         path=path,
         line=line,
         teach=teach,
@@ -631,25 +707,20 @@ def _parse_tags(path: Path, line: int | None, label: str, value: Any) -> tuple[s
 def _parse_tolerance(path: Path, line: int | None, label: str, value: Any) -> Tolerance:
     if value is None:
         return Tolerance()
-    example = '"tolerance": {"kl": 0.5, "logprob_drop": 1.0}'
+    example = '"tolerance": {"kl": 0.5, "logprob_drop": 1.0, "top_k_overlap": 0.5, "rank_change": 1}'
     limits = _require_mapping(path, line, value, f"{label} 'tolerance'", example)
     _reject_unknown_keys(path, line, f"{label} 'tolerance'", limits, TOLERANCE_KEYS)
 
-    parsed: dict[str, float | None] = {}
+    parsed: dict[str, Any] = {}
     for key in TOLERANCE_KEYS:
         limit = limits.get(key)
         if limit is None:
             parsed[key] = None
             continue
-        is_number = isinstance(limit, (int, float)) and not isinstance(limit, bool)
-        if not is_number or not math.isfinite(limit) or limit < 0:
-            raise SuiteError(
-                path,
-                line,
-                f"{label} has an invalid tolerance '{key}' {limit!r}; "
-                "use a finite number of nats that is 0 or more, such as 0.5",
-            )
-        parsed[key] = float(limit)
+        problem = tolerance_problem(key, limit)
+        if problem is not None:
+            raise SuiteError(path, line, f"{label} has an invalid tolerance '{key}' {limit!r}; use {problem}")
+        parsed[key] = int(limit) if key == "rank_change" else float(limit)
     return Tolerance(**parsed)
 
 
@@ -683,6 +754,29 @@ def _parse_teach(
     if len(set(paraphrases)) != len(paraphrases):
         raise SuiteError(path, line, f"{label} lists a paraphrase twice in 'teach'; keep one copy of each")
     return Teach(answer=answer, paraphrases=paraphrases)
+
+
+def tolerance_problem(key: str, value: Any) -> str | None:
+    """Describe the valid values of the tolerance field `key` when `value` is not one of them, else return None.
+
+    The description is a noun phrase with an example, such as "a fraction between 0 and 1, such as 0.5".
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        valid = False
+    elif key == "top_k_overlap":
+        valid = 0 <= value <= 1
+    elif key == "rank_change":
+        valid = value >= 0 and float(value).is_integer()
+    else:
+        valid = value >= 0
+
+    if valid:
+        return None
+    if key == "top_k_overlap":
+        return "a fraction between 0 and 1, such as 0.5"
+    if key == "rank_change":
+        return "a whole number of places that is 0 or more, such as 1"
+    return "a finite number of nats that is 0 or more, such as 0.5"
 
 
 # Shared checks

@@ -9,16 +9,21 @@ Whether a model "knows" a fact is decided by one or two checks:
   than every distractor.
 
 The model knows the fact when any check passes. A candidate has ``regressed`` on a fact the base knew
-when it fails a check the base passed, or when its next-token distribution moved past the fact's
-tolerance (``kl``) or the expected answer became less likely by more than the tolerance
-(``logprob_drop``).
+when it fails a check the base passed, or when it moved past one of the fact's tolerances:
+
+* ``kl``: KL(base || candidate) over the base's recorded top-k next tokens plus the rest, nats;
+* ``logprob_drop``: how much the best accepted answer's log-probability fell, nats;
+* ``top_k_overlap``: the fraction of the base's top-k next tokens still among the candidate's
+  own top-k, which must stay at or above the limit;
+* ``rank_change`` (facts with ``choices``): how many places the best accepted answer fell in the
+  ranking of answers and choices by total log-probability.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Sequence
 
 from .engine import FactResult, kl_divergence
 from .suite import Fact, Tolerance
@@ -31,7 +36,18 @@ STATUSES = (RETAINED, REGRESSED, GAINED, UNKNOWN)
 
 # A KL of 0.5 nats is about what turning a 50/50 split into 90/10 costs (0.51 nats); a
 # log-probability drop of 1 nat makes the expected answer e (about 2.7) times less likely.
-DEFAULT_TOLERANCE = Tolerance(kl=0.5, logprob_drop=1.0)
+#
+# top_k_overlap is a fraction of the base's top-k tokens (top-20 by default) and rank_change a
+# number of places. bench/measure_tolerances.py sized both on the shipped suite's 740 facts that
+# SmolLM2 knows, against the committed float32 snapshot. The base re-scored in float32 keeps every
+# top-20 token and every rank (overlap 1.0, change 0 on all 740 facts). In bfloat16 its lowest
+# overlap is 0.85 and its largest fall 1 place (2 facts), so neither default flags it there.
+# The fixture full fine-tune (12 steps at 3e-5) keeps a median of 0.65 of the top-20, with a
+# minimum of 0.05. At 0.3 the check flags facts whose top-20 was mostly replaced: 16 facts on the
+# fixture LoRA adapter and 1 on the full fine-tune that no other check flags. A fall of 1 place
+# is let through, since near-ties swap neighbours. On both fixtures every larger fall also fails
+# the choice check, so rank_change adds no regressed fact there.
+DEFAULT_TOLERANCE = Tolerance(kl=0.5, logprob_drop=1.0, top_k_overlap=0.3, rank_change=1)
 
 _TRAILING_PUNCTUATION = ".,;:!?\"')]"
 
@@ -51,6 +67,9 @@ class Verdict:
     candidate_logprob: float | None
     kl: float | None  # KL(base || candidate) over the base's top-k plus the rest, nats
     tolerance: Tolerance
+    top_k_overlap: float | None = None  # fraction of the base's top-k tokens in the candidate's top-k
+    base_rank: int | None = None  # 1-based rank of the best accepted answer among answers and choices
+    candidate_rank: int | None = None
 
     @property
     def passed(self) -> bool:
@@ -61,6 +80,37 @@ class Verdict:
         if self.base_logprob is None or self.candidate_logprob is None:
             return None
         return self.base_logprob - self.candidate_logprob
+
+    @property
+    def rank_change(self) -> int | None:
+        """Places the best accepted answer fell (negative when it rose); None for facts without choices."""
+        if self.base_rank is None or self.candidate_rank is None:
+            return None
+        return self.candidate_rank - self.base_rank
+
+
+def top_k_overlap(base_ids: Sequence[int], candidate_ids: Sequence[int]) -> float | None:
+    """Return the fraction of ``base_ids`` that are also in ``candidate_ids``; None without base tokens.
+
+    Both are top-k token ids after the same prompt. With lists of equal length the value is
+    symmetric in its arguments.
+    """
+    base = set(base_ids)
+    if not base:
+        return None
+    return len(base & set(candidate_ids)) / len(base)
+
+
+def answer_rank(answer_logprobs: Sequence[float], choice_logprobs: Sequence[float]) -> int | None:
+    """Return the 1-based rank of the best accepted answer among answers and choices by total log-probability.
+
+    A choice that ties the best answer ranks above it, as in the ``choice`` check, so rank 1 means
+    that check passes. Returns None without choices or without answer log-probabilities (regex facts).
+    """
+    if not choice_logprobs or not answer_logprobs:
+        return None
+    best = max(answer_logprobs)
+    return 1 + sum(1 for logprob in choice_logprobs if logprob >= best)
 
 
 def completion_matches(completion: str, answer: str, rule: str) -> bool:
@@ -112,6 +162,10 @@ def judge(fact: Fact, base: FactResult, candidate: FactResult, tolerance: Tolera
     base_logprob = max(base.answer_logprobs, default=None)
     candidate_logprob = max(candidate.answer_logprobs, default=None)
     drop = None if base_logprob is None or candidate_logprob is None else base_logprob - candidate_logprob
+    overlap = top_k_overlap(base.top_token_ids, candidate.top_token_ids) if candidate.top_token_ids else None
+    base_rank = answer_rank(base.answer_logprobs, base.choice_logprobs)
+    candidate_rank = answer_rank(candidate.answer_logprobs, candidate.choice_logprobs)
+    fell = None if base_rank is None or candidate_rank is None else candidate_rank - base_rank
 
     failed: list[str] = []
     if base_knows:
@@ -120,6 +174,10 @@ def judge(fact: Fact, base: FactResult, candidate: FactResult, tolerance: Tolera
             failed.append("kl")
         if drop is not None and tolerance.logprob_drop is not None and drop > tolerance.logprob_drop:
             failed.append("logprob_drop")
+        if overlap is not None and tolerance.top_k_overlap is not None and overlap < tolerance.top_k_overlap:
+            failed.append("top_k_overlap")
+        if fell is not None and tolerance.rank_change is not None and fell > tolerance.rank_change:
+            failed.append("rank_change")
 
     if base_knows:
         status = REGRESSED if failed else RETAINED
@@ -138,6 +196,9 @@ def judge(fact: Fact, base: FactResult, candidate: FactResult, tolerance: Tolera
         candidate_logprob=candidate_logprob,
         kl=kl,
         tolerance=tolerance,
+        top_k_overlap=overlap,
+        base_rank=base_rank,
+        candidate_rank=candidate_rank,
     )
 
 

@@ -182,6 +182,23 @@ def test_verdict_and_completion_changes_listed(tmp_path, capsys):
     assert lines[-1].startswith("1 fact changed, 0 added, 0 removed, 0 header fields changed")
 
 
+def test_tolerance_units_in_changes(tmp_path, capsys):
+    old_fact = {**report_fact("known-6"), "top_k_overlap": 1.0,
+                "tolerance": {"kl": 0.5, "logprob_drop": 1.0, "top_k_overlap": 0.5, "rank_change": 1}}
+    new_fact = {**old_fact, "top_k_overlap": 0.6,
+                "tolerance": {"kl": 0.2, "logprob_drop": 1.0, "top_k_overlap": 0.8, "rank_change": 0}}
+
+    status, out, _ = run_diff(capsys, write(tmp_path / "old.json", report([old_fact])),
+                              write(tmp_path / "new.json", report([new_fact])))
+
+    lines = out.splitlines()
+    assert status == 1
+    assert "known-6: tolerance.kl 0.5 -> 0.2 nats" in lines
+    assert "known-6: tolerance.top_k_overlap 0.5 -> 0.8" in lines
+    assert "known-6: tolerance.rank_change 1 -> 0" in lines
+    assert "known-6: top_k_overlap 1 -> 0.6" in lines
+
+
 def test_added_and_removed_facts_are_listed(tmp_path, capsys):
     old = write(tmp_path / "old.json", report([report_fact("known-6"), report_fact("known-7")]))
     new = write(tmp_path / "new.json", report([report_fact("known-7"), report_fact("known-9", verdict=REGRESSED)]))

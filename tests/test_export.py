@@ -22,10 +22,10 @@ from kinject_pytest.export import (
 from kinject_pytest.session import Options, Outcome, RunSummary
 from kinject_pytest.stats import mcnemar_exact, wilson_interval
 from kinject_pytest.suite import Fact, Tolerance
-from kinject_pytest.verdict import GAINED, REGRESSED, RETAINED, UNKNOWN, Verdict
+from kinject_pytest.verdict import DEFAULT_TOLERANCE, GAINED, REGRESSED, RETAINED, UNKNOWN, Verdict
 
 REPO = Path(__file__).resolve().parent.parent
-TOLERANCE = Tolerance(kl=0.5, logprob_drop=1.0)
+TOLERANCE = Tolerance(kl=0.5, logprob_drop=1.0, top_k_overlap=0.5, rank_change=1)
 
 
 def make_fact(fact_id: str, prompt: str, expect: str, *, tags: tuple[str, ...] = (), path: str = "suites/a.kinject.jsonl",
@@ -49,6 +49,9 @@ def make_outcome(fact: Fact, status: str, *, base: str = " Paris", candidate: st
         candidate_logprob=candidate_logprob,
         kl=kl,
         tolerance=TOLERANCE,
+        top_k_overlap=0.85 if kl is not None else None,
+        base_rank=1,
+        candidate_rank=3 if "rank_change" in failed else 1,
     )
     return Outcome(fact, verdict=verdict)
 
@@ -118,7 +121,11 @@ def test_report_data_fact_fields(data):
     assert tokyo["candidate_logprob"] == -4.75
     assert tokyo["logprob_drop"] == 4.5
     assert tokyo["kl"] == 1.5
-    assert tokyo["tolerance"] == {"kl": 0.5, "logprob_drop": 1.0}
+    assert tokyo["top_k_overlap"] == 0.85
+    assert tokyo["base_rank"] == 1
+    assert tokyo["candidate_rank"] == 1
+    assert tokyo["rank_change"] == 0
+    assert tokyo["tolerance"] == {"kl": 0.5, "logprob_drop": 1.0, "top_k_overlap": 0.5, "rank_change": 1}
     assert tokyo["error"] is None
 
 
@@ -128,7 +135,10 @@ def test_error_fact_effective_tolerance(data):
     assert missing["candidate_completion"] is None
     assert missing["kl"] is None
     # kl comes from the options, logprob_drop from the default tolerance.
-    assert missing["tolerance"] == {"kl": 0.75, "logprob_drop": 1.0}
+    assert missing["top_k_overlap"] is None
+    assert missing["rank_change"] is None
+    assert missing["tolerance"] == {"kl": 0.75, "logprob_drop": 1.0, "top_k_overlap": DEFAULT_TOLERANCE.top_k_overlap,
+                                    "rank_change": DEFAULT_TOLERANCE.rank_change}
 
 
 def test_report_data_stats(data):
@@ -264,18 +274,25 @@ def test_markdown_tag_table_lowest_retention_first(data):
 
 def test_markdown_worst_regressions(data):
     lines = markdown_report(data).splitlines()
-    start = lines.index("| fact | prompt | expected | base | candidate | drop (nats) | KL (nats) |")
-    rows = lines[start + 2:]
-    assert rows[0] == "| tokyo | 東京は日本の首都です。首都は | 東京 | Paris | 大阪 | 4.500 | 1.500 |"
+    start = lines.index("| fact | prompt | expected | base | candidate | failed checks | drop (nats) | KL (nats) "
+                        "| top-k overlap | rank change |")
+    rows = lines[start + 2:start + 5]
+    assert rows[0] == ("| tokyo | 東京は日本の首都です。首都は | 東京 | Paris | 大阪 | generation, kl, logprob\\_drop "
+                       "| 4.500 | 1.500 | 0.85 | 0 |")
     # Pipes are escaped and line breaks become <br>, so each row stays one table row.
-    assert rows[1] == "| pipe | a \\| b<br>is | c\\|d | c\\|d | e<br>f | 1.750 | 0.750 |"
-    assert rows[2] == "| moved | Rome is in | Italy | Paris | Paris | 1.250 | 0.250 |"
-    assert len(rows) == 3
+    assert rows[1] == ("| pipe | a \\| b<br>is | c\\|d | c\\|d | e<br>f | generation, kl, logprob\\_drop | 1.750 | 0.750 "
+                       "| 0.85 | 0 |")
+    assert rows[2] == "| moved | Rome is in | Italy | Paris | Paris | logprob\\_drop | 1.250 | 0.250 | 0.85 | 0 |"
+    assert lines[start + 5:] == [
+        "",
+        "Effective tolerance: kl ≤ 0.5 nats, logprob_drop ≤ 1 nats, top_k_overlap ≥ 0.5, rank_change ≤ 1 places.",
+    ]
 
 
 def test_markdown_ends_with_one_newline(data):
     markdown = markdown_report(data)
-    assert markdown.endswith("|\n")
+    assert markdown.endswith(".\n")
+    assert not markdown.endswith("\n\n")
 
 
 def test_markdown_shows_ten_worst_regressions():
@@ -440,3 +457,45 @@ def test_taught_failure_report(outcomes):
         "  paraphrases preferring the new answer: 0/2 (base) -> 1/2 (candidate)",
         "  candidate: smollm2 + lora",
     ]
+
+
+GATE = {
+    "mode": "aggregate",
+    "passed": False,
+    "thresholds": {"min_retention": 0.5},
+    "breaches": [],
+    "tags": {
+        "capital": {"thresholds": {"max_regressed": 1}, "checked": True, "passed": False,
+                    "breaches": ["tag capital: 2 facts regressed, more than the maximum 1 "
+                                 "(--kinject-tag-threshold capital:max_regressed=1)"]},
+        "asia": {"thresholds": {"min_retention": 0.0, "max_mean_kl": 2.0}, "checked": True, "passed": True,
+                 "breaches": []},
+        "chemistry": {"thresholds": {"max_mean_kl": 0.1}, "checked": False, "passed": True, "breaches": []},
+    },
+}
+
+
+def test_report_data_carries_gate(outcomes):
+    data = report_data(outcomes, Options(), RunSummary(), gate=GATE)
+
+    assert data["gate"] == GATE
+    assert report_data(outcomes, Options(), RunSummary())["gate"] is None
+
+
+def test_markdown_gate_per_tag(outcomes):
+    lines = markdown_report(report_data(outcomes, Options(), RunSummary(), gate=GATE)).splitlines()
+
+    start = lines.index("### Gate (aggregate): failed")
+    assert lines[start + 2] == "- All facts (min_retention=0.5): passed"
+    assert lines[start + 4:start + 9] == [
+        "| tag | thresholds | result |",
+        "|---|---|---|",
+        "| capital | max\\_regressed=1 | failed: 2 facts regressed, more than the maximum 1 "
+        "(--kinject-tag-threshold capital:max\\_regressed=1) |",
+        "| asia | min\\_retention=0, max\\_mean\\_kl=2 | passed |",
+        "| chemistry | max\\_mean\\_kl=0.1 | not checked: no judged fact carries the tag |",
+    ]
+
+
+def test_markdown_without_gate_has_no_gate_section(data):
+    assert "### Gate" not in markdown_report(data)

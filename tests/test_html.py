@@ -53,7 +53,11 @@ def fact_entry(fact_id: str, verdict: str, **fields) -> dict:
         "candidate_logprob": -4.25 if verdict == REGRESSED else -0.5,
         "logprob_drop": 4.0 if verdict == REGRESSED else 0.25,
         "kl": 1.5 if known else None,
-        "tolerance": {"kl": 0.5, "logprob_drop": 1.0},
+        "top_k_overlap": 0.75 if known else None,
+        "base_rank": None,
+        "candidate_rank": None,
+        "rank_change": None,
+        "tolerance": {"kl": 0.5, "logprob_drop": 1.0, "top_k_overlap": 0.5, "rank_change": 1},
     }
     entry.update(fields)
     return entry
@@ -172,9 +176,10 @@ def test_every_fact_id_and_location(report):
 def test_fact_row_cells(report):
     rows = {row[0]: row for row in fact_rows(html_report(report))}
     assert rows["rome"] == ["rome", "suites/geo.kinject.jsonl:4", "regressed", "Prompt of rome is", "Paris", "Paris.",
-                            "Munich", "-0.250", "-2.250", "2.000", "1.500", "generation, kl, logprob_drop"]
+                            "Munich", "-0.250", "-2.250", "2.000", "1.500", "0.75", "n/a",
+                            "generation, kl, logprob_drop"]
     # A fact without a verdict shows n/a for every number and its error in place of failed checks.
-    assert rows["lima"][5:] == ["n/a"] * 6 + ["no snapshot entry for fact 'lima'"]
+    assert rows["lima"][5:] == ["n/a"] * 8 + ["no snapshot entry for fact 'lima'"]
 
 
 def test_header_counts_and_statistics(report):
@@ -354,7 +359,7 @@ def test_verdict_cells_are_colour_coded(report):
 def test_numeric_columns_marked_for_sorting(report):
     page = html_report(report)
     numeric = re.findall(r'<th tabindex="0" data-type="number">([^<]+)</th>', page)
-    assert numeric == ["verdict", "log p base", "log p candidate", "drop", "KL"]
+    assert numeric == ["verdict", "log p base", "log p candidate", "drop", "KL", "top-k overlap", "rank change"]
 
 
 def test_completion_whitespace_shown(report):
@@ -552,3 +557,38 @@ def test_taught_section_and_banner():
     assert '<div class="label">learned (efficacy)</div><div class="value">50.0%</div>' in page
     assert '<td class="v v-not_learned">not_learned</td>' in page
     assert '<td class="n">0.500 / 3.000</td><td class="n">3.000 / 1.000</td><td class="n">1/2</td>' in page
+
+
+def test_gate_section_per_tag():
+    gate = {
+        "mode": "strict", "passed": False, "thresholds": {}, "breaches": [],
+        "tags": {
+            "capital": {"thresholds": {"max_regressed": 0}, "checked": True, "passed": False,
+                        "breaches": ["tag capital: 2 facts regressed, more than the maximum 0 "
+                                     "(--kinject-tag-threshold capital:max_regressed=0)"]},
+            "river": {"thresholds": {"min_retention": 0.5}, "checked": True, "passed": True, "breaches": []},
+        },
+    }
+    page = html_report({**make_report([fact_entry("paris", RETAINED)]), "gate": gate})
+
+    assert '<h2>Gate (strict): <span class="v v-regressed">failed</span></h2>' in page
+    assert ('<tr><td>tag capital</td><td>max_regressed=0</td><td class="v-regressed">failed: 2 facts regressed, '
+            "more than the maximum 0 (--kinject-tag-threshold capital:max_regressed=0)</td></tr>") in page
+    assert '<tr><td>tag river</td><td>min_retention=0.5</td><td class="v-retained">passed</td></tr>' in page
+    assert "all facts" not in page
+
+
+def test_no_gate_section_without_thresholds(report):
+    assert "Gate (" not in html_report(report)
+
+
+def test_differing_tolerance_in_tooltip():
+    strict = {"kl": 0.1, "logprob_drop": 1.0, "top_k_overlap": 0.9, "rank_change": 0}
+    page = html_report(make_report([fact_entry("paris", RETAINED), fact_entry("oslo", RETAINED),
+                                    fact_entry("rome", REGRESSED, tolerance=strict)]))
+
+    assert "Most facts were judged with the effective tolerance: kl ≤ 0.5 nats, logprob_drop ≤ 1 nats, " \
+           "top_k_overlap ≥ 0.5, rank_change ≤ 1 places" in page
+    assert page.count('<td title="') == 1
+    assert ('<td title="effective tolerance: kl ≤ 0.1 nats, logprob_drop ≤ 1 nats, top_k_overlap ≥ 0.9, '
+            'rank_change ≤ 0 places">generation, kl, logprob_drop</td>') in page

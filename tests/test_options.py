@@ -147,6 +147,15 @@ def test_report_with_unknown_suffix_is_usage_error(pytester):
         ("--kinject-device=tpu", "ERROR: --kinject-device=tpu is invalid; use auto, cpu, cuda, cuda:N or mps"),
         ("--kinject-min-retention=95", "ERROR: --kinject-min-retention=95.0 is invalid; pass a fraction between 0 and 1*"),
         ("--kinject-gate=aggregate", "ERROR: --kinject-gate=aggregate needs a threshold; add --kinject-min-retention*"),
+        ("--kinject-min-top-k-overlap=1.5", "ERROR: --kinject-min-top-k-overlap=1.5 is invalid; pass a fraction "
+                                            "between 0 and 1, such as 0.5 (it is also read from the ini key "
+                                            "kinject_min_top_k_overlap)"),
+        ("--kinject-max-rank-change=-1", "ERROR: --kinject-max-rank-change=-1 is invalid; pass a whole number of "
+                                         "places that is 0 or more*"),
+        ("--kinject-tag-threshold=geo", "ERROR: --kinject-tag-threshold: 'geo' is invalid; write "
+                                        "TAG:NAME=VALUE[,NAME=VALUE...], e.g. P36:min_retention=0.9"),
+        ("--kinject-tag-threshold=geo:max_regresed=1", "ERROR: --kinject-tag-threshold: 'geo:max_regresed=1' names the "
+                                                       "unknown threshold 'max_regresed'; did you mean 'max_regressed'?*"),
     ],
 )
 def test_invalid_option_is_usage_error(pytester, option, message):
@@ -156,6 +165,58 @@ def test_invalid_option_is_usage_error(pytester, option, message):
 
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines([message])
+
+
+def test_malformed_ini_tag_threshold_names_ini_key(pytester):
+    write_jsonl(pytester.path / "f.kinject.jsonl", TWO_FACTS)
+    pytester.makeini("[pytest]\nkinject_tag_thresholds =\n    geo:max_regressed=0\n    geo:min_retention=2\n")
+
+    result = pytester.runpytest("--kinject")
+
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["ERROR: ini key kinject_tag_thresholds: 'geo:min_retention=2' gives min_retention "
+                                 "the invalid value 2; pass a fraction between 0 and 1, e.g. 0.95"])
+
+
+def test_pyproject_tag_thresholds_list_is_read(pytester):
+    write_jsonl(pytester.path / "f.kinject.jsonl", TWO_FACTS)
+    pytester.makepyprojecttoml('[tool.pytest.ini_options]\nkinject_tag_thresholds = ["geo:max_regressed=0", '
+                               '"geo:max_mean_kl=x"]\n')
+
+    result = pytester.runpytest("--kinject")
+
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["ERROR: ini key kinject_tag_thresholds: 'geo:max_mean_kl=x' gives max_mean_kl the "
+                                 "value 'x', which is not a number*"])
+
+
+def test_tag_threshold_for_unknown_tag_is_usage_error(pytester):
+    write_jsonl(pytester.path / "f.kinject.jsonl", [{**fact, "tags": ["geography"]} for fact in TWO_FACTS])
+
+    result = pytester.runpytest("--kinject", "--kinject-tag-threshold=geograpy:max_regressed=0")
+
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["ERROR: --kinject-tag-threshold names the tag 'geograpy', which no collected fact "
+                                 "carries; did you mean 'geography'? fix the tag name*"])
+
+
+def test_tag_threshold_flag_wins_over_ini(pytester, tiny_llama):
+    # The tiny random model knows neither fact, so a retention threshold on their tag is breached.
+    write_jsonl(pytester.path / "f.kinject.jsonl", [{**fact, "tags": ["geo"]} for fact in TWO_FACTS])
+    pytester.makeini(f"[pytest]\nkinject_model = {tiny_llama}\n"
+                     "kinject_tag_thresholds = geo:min_retention=0.5,max_regressed=0\n")
+    pytester.runpytest("--kinject", "--kinject-update")
+
+    result = pytester.runpytest("--kinject", "--kinject-gate=aggregate", "--kinject-tag-threshold=geo:min_retention=0.25",
+                                "--kinject-report=report.json")
+
+    result.assert_outcomes(skipped=2, failed=1)
+    result.stdout.fnmatch_lines(["*kinject gate failed for *",
+                                 "*tag geo: the base knows none of the selected facts with this tag*"])
+    gate = json.loads((pytester.path / "report.json").read_text())["gate"]
+    # The flag replaces the ini key's min_retention for the tag and keeps its max_regressed.
+    assert gate["tags"]["geo"]["thresholds"] == {"min_retention": 0.25, "max_regressed": 0}
+    assert gate["passed"] is False
 
 
 def test_two_suites_sharing_a_snapshot_are_rejected(pytester, tiny_llama):

@@ -127,6 +127,9 @@ def test_junit_xml_carries_verdict(pytester, geo_suite):
     assert 'name="capital-france"' in xml
     assert '<property name="kinject_verdict" value="retained" />' in xml
     assert '<property name="kinject_kl_nats" value="0.000000" />' in xml
+    assert '<property name="kinject_top_k_overlap" value="1.0000" />' in xml
+    # Only capital-japan has choices, so only its item carries a rank change.
+    assert xml.count('<property name="kinject_rank_change" value="0" />') == 1
 
 
 def test_suite_outside_rootdir_in_minimal_form(pytester, smollm2_dir, tmp_path_factory):
@@ -217,6 +220,46 @@ def test_aggregate_gate_on_lora(pytester, smollm2_lora, counterfactual_edits):
                           passed=below.parseoutcomes().get("passed", 0) - 1)
     above.stdout.fnmatch_lines(["*kinject gate failed for smollm2 + *",
                                 "*is below the minimum 90.0% (--kinject-min-retention)*"])
+
+
+def test_tag_tolerance_and_tag_threshold_on_lora(pytester, smollm2_lora, counterfactual_edits):
+    edits = [{"id": edit["id"], "prompt": edit["prompt"], "expect": edit["old"], "tags": ["edited"]}
+             for edit in counterfactual_edits[:6]]
+    controls = [{**fact, "tags": ["controls"]} for fact in GEOGRAPHY[:2]]
+    suite = write_jsonl(pytester.path / "edits.kinject.jsonl", edits + controls)
+    pytester.runpytest("--kinject", "--kinject-update")
+    adapter = f"--kinject-adapter={smollm2_lora}"
+
+    # The adapter still completes " Tokyo" but moves the next-token distribution past the default KL
+    # tolerance, and the edited facts regress, which the tag threshold allows none of.
+    strict = pytester.runpytest("--kinject", adapter, "--kinject-tag-threshold=edited:max_regressed=0",
+                                "--kinject-report=strict.json")
+    japan = next(fact for fact in json.loads((pytester.path / "strict.json").read_text())["facts"]
+                 if fact["id"] == "capital-japan")
+
+    assert strict.ret == pytest.ExitCode.TESTS_FAILED
+    assert japan["verdict"] == "regressed"
+    assert "generation" not in japan["failed_checks"]
+    assert "kl" in japan["failed_checks"]
+    strict.stdout.fnmatch_lines(["*fact capital-japan (*edits.kinject.jsonl:8) regressed: *next-token distribution "
+                                 "moved (kl)*",
+                                 "*effective tolerance: kl <= 0.500 nats, logprob_drop <= 1.000 nats, top_k_overlap "
+                                 ">= *, rank_change <= * places"])
+    strict.stdout.fnmatch_lines(["*kinject gate failed for smollm2 + *",
+                                 "*tag edited: * facts regressed, more than the maximum 0 "
+                                 "(--kinject-tag-threshold edited:max_regressed=0)"])
+
+    # A tag tolerance loose enough for any movement turns capital-japan into a retained fact.
+    loose_limits = {"kl": 100.0, "logprob_drop": 100.0, "top_k_overlap": 0.0, "rank_change": 2}
+    write_jsonl(suite, [{"suite": {"tag_tolerances": {"controls": loose_limits}}}] + edits + controls)
+    loose = pytester.runpytest("--kinject", adapter, "--kinject-gate=aggregate",
+                               "--kinject-tag-threshold=controls:min_retention=0.5", "--kinject-report=loose.json")
+    japan = next(fact for fact in json.loads((pytester.path / "loose.json").read_text())["facts"]
+                 if fact["id"] == "capital-japan")
+
+    assert japan["verdict"] == "retained"
+    assert japan["tolerance"] == loose_limits
+    assert loose.ret == pytest.ExitCode.OK
 
 
 EXAMPLE = Path(__file__).resolve().parent / "examples" / "test_knowledge_example.py"

@@ -23,8 +23,10 @@ from kinject_pytest.suite import (
     derive_fact_id,
     is_suite_file,
     load_suite,
+    strictest,
     suite_name,
 )
+from kinject_pytest.verdict import DEFAULT_TOLERANCE
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SUITES = REPO_ROOT / "suites"
@@ -153,6 +155,101 @@ def test_tolerance_over_keeps_set_fields() -> None:
     assert Tolerance(kl=0.0).over(fallback) == Tolerance(kl=0.0, logprob_drop=2.0)
     assert Tolerance().over(fallback) == fallback
     assert Tolerance(logprob_drop=0.5).over(Tolerance()) == Tolerance(logprob_drop=0.5)
+
+
+def test_tolerance_over_keeps_every_field() -> None:
+    fallback = Tolerance(kl=1.0, logprob_drop=2.0, top_k_overlap=0.5, rank_change=1)
+
+    assert Tolerance(top_k_overlap=0.9).over(fallback) == Tolerance(kl=1.0, logprob_drop=2.0, top_k_overlap=0.9,
+                                                                     rank_change=1)
+    assert Tolerance(rank_change=0).over(fallback).rank_change == 0
+
+
+def test_strictest_takes_smallest_maximum_and_largest_minimum() -> None:
+    loose = Tolerance(kl=1.0, logprob_drop=0.5, top_k_overlap=0.2, rank_change=2)
+    strict = Tolerance(kl=0.1, logprob_drop=3.0, top_k_overlap=0.8)
+
+    assert strictest([loose, strict]) == Tolerance(kl=0.1, logprob_drop=0.5, top_k_overlap=0.8, rank_change=2)
+    assert strictest([]) == Tolerance()
+
+
+TAGGED_HEADER = {
+    "suite": {
+        "defaults": {"tolerance": {"kl": 0.5, "logprob_drop": 2.0, "top_k_overlap": 0.25}},
+        "tag_tolerances": {
+            "geo": {"kl": 0.2, "top_k_overlap": 0.5},
+            "P36": {"kl": 0.3, "logprob_drop": 1.0, "top_k_overlap": 0.75, "rank_change": 0},
+        },
+    }
+}
+
+
+def test_tag_tolerance_between_fact_and_suite(tmp_path: Path) -> None:
+    path = write_jsonl(
+        tmp_path / "x.kinject.jsonl",
+        TAGGED_HEADER,
+        {**MINIMAL, "tags": ["geo"]},
+        {"id": "both", "prompt": "B", "expect": "b", "tags": ["geo", "P36"]},
+        {"id": "own", "prompt": "C", "expect": "c", "tags": ["P36"], "tolerance": {"kl": 0.9, "rank_change": 2}},
+        {"id": "untagged", "prompt": "D", "expect": "d"},
+    )
+
+    suite = load_suite(path)
+    geo, both, own, untagged = suite.facts
+
+    assert suite.tag_tolerances["geo"] == Tolerance(kl=0.2, top_k_overlap=0.5)
+    assert geo.tolerance == Tolerance(kl=0.2, logprob_drop=2.0, top_k_overlap=0.5)
+    # Two tags that set the same field: the strictest limit wins.
+    assert both.tolerance == Tolerance(kl=0.2, logprob_drop=1.0, top_k_overlap=0.75, rank_change=0)
+    assert own.tolerance == Tolerance(kl=0.9, logprob_drop=1.0, top_k_overlap=0.75, rank_change=2)
+    assert untagged.tolerance == Tolerance(kl=0.5, logprob_drop=2.0, top_k_overlap=0.25)
+
+
+def test_tag_tolerance_applies_to_default_tags(tmp_path: Path) -> None:
+    header = {"suite": {"defaults": {"tags": ["geo"]}, "tag_tolerances": {"geo": {"rank_change": 1}}}}
+    path = write_jsonl(tmp_path / "x.kinject.jsonl", header, MINIMAL)
+
+    assert load_suite(path).facts[0].tolerance == Tolerance(rank_change=1)
+
+
+def test_yaml_tag_tolerances(tmp_path: Path) -> None:
+    path = tmp_path / "x.kinject.yaml"
+    path.write_text(
+        "tag_tolerances:\n"
+        "  geo: {kl: 0.2, top_k_overlap: 0.6}\n"
+        "facts:\n"
+        "  - {prompt: The capital of France is, expect: Paris, tags: [geo]}\n",
+        encoding="utf-8",
+    )
+
+    assert load_suite(path).facts[0].tolerance == Tolerance(kl=0.2, top_k_overlap=0.6)
+
+
+levels = st.none() | st.floats(min_value=0.0, max_value=1.0)
+
+
+@settings(max_examples=60)
+@given(fact=levels, first_tag=levels, second_tag=levels, suite=levels, option=levels)
+def test_tolerance_precedence_over_four_levels(fact, first_tag, second_tag, suite, option) -> None:
+    import tempfile
+
+    def limit(value: float | None) -> dict[str, float]:
+        return {} if value is None else {"top_k_overlap": value}
+
+    header = {"suite": {"defaults": {"tolerance": limit(suite)},
+                        "tag_tolerances": {"first": limit(first_tag), "second": limit(second_tag)}}}
+    record = {**MINIMAL, "tags": ["first", "second"], "tolerance": limit(fact)}
+    with tempfile.TemporaryDirectory() as folder:
+        loaded = load_suite(write_jsonl(Path(folder) / "x.kinject.jsonl", header, record)).facts[0]
+
+    # The same resolution as the session's: the fact's tolerance over the options over the defaults.
+    effective = loaded.tolerance.over(Tolerance(top_k_overlap=option)).over(DEFAULT_TOLERANCE)
+
+    tag_values = [value for value in (first_tag, second_tag) if value is not None]
+    tag = max(tag_values) if tag_values else None
+    expected = next(value for value in (fact, tag, suite, option, DEFAULT_TOLERANCE.top_k_overlap) if value is not None)
+    assert effective.top_k_overlap == expected
+    assert effective.kl == DEFAULT_TOLERANCE.kl
 
 
 def test_yaml_suite_records_lines(tmp_path: Path) -> None:
@@ -307,6 +404,9 @@ ERROR_CASES = {
     "negative tolerance": ({"id": "a", "prompt": "x", "expect": "y", "tolerance": {"kl": -0.1}}, "invalid tolerance 'kl' -0.1", "0 or more"),
     "string tolerance": ({"id": "a", "prompt": "x", "expect": "y", "tolerance": {"logprob_drop": "1"}}, "invalid tolerance 'logprob_drop' '1'", "such as 0.5"),
     "tolerance typo": ({"id": "a", "prompt": "x", "expect": "y", "tolerance": {"kld": 1}}, "unknown key 'kld'", "did you mean 'kl'?"),
+    "overlap above one": ({"id": "a", "prompt": "x", "expect": "y", "tolerance": {"top_k_overlap": 1.5}}, "invalid tolerance 'top_k_overlap' 1.5", "a fraction between 0 and 1"),
+    "fractional rank change": ({"id": "a", "prompt": "x", "expect": "y", "tolerance": {"rank_change": 0.5}}, "invalid tolerance 'rank_change' 0.5", "a whole number of places"),
+    "boolean rank change": ({"id": "a", "prompt": "x", "expect": "y", "tolerance": {"rank_change": True}}, "invalid tolerance 'rank_change' True", "such as 1"),
     "choice equals answer": ({"id": "a", "prompt": "x", "expect": ["Paris"], "choices": ["paris"]}, "choice 'paris', which matches the accepted answer 'Paris'", "replace it with a wrong answer"),
     "regex choice matches": ({"id": "a", "prompt": "x", "expect": ["19\\d\\d"], "match": "regex", "choices": ["1945"]}, "matches the accepted answer", "remove it"),
     "duplicate choice": ({"id": "a", "prompt": "x", "expect": "y", "choices": ["Rome", "rome"]}, "lists the choice 'rome' twice", "keep one copy"),
@@ -365,6 +465,39 @@ def test_header_after_facts_is_rejected(tmp_path: Path) -> None:
 
     assert message.startswith(f"{path}:2: ")
     assert "move it to the first line" in message
+
+
+TAG_TOLERANCE_ERRORS = {
+    "not a mapping": ({"tag_tolerances": ["geo"]}, "suite 'tag_tolerances' must be an object, got list", '"tag_tolerances": {"geography": {"kl": 0.2}}'),
+    "unknown field": ({"tag_tolerances": {"geo": {"kld": 0.2}}}, "tag 'geo' 'tolerance' has an unknown key 'kld'", "did you mean 'kl'?"),
+    "bad value": ({"tag_tolerances": {"geo": {"top_k_overlap": -1}}}, "tag 'geo' has an invalid tolerance 'top_k_overlap' -1", "use a fraction"),
+    "no tolerance": ({"tag_tolerances": {"geo": None}}, "no tolerance for tag 'geo'", "or remove the tag"),
+    "invalid tag": ({"tag_tolerances": {"world war": {"kl": 1}}}, "invalid tag 'world war'", "Python identifier"),
+    "tag no fact carries": ({"tag_tolerances": {"goe": {"kl": 1}}}, "names the tag 'goe', which no fact carries", "did you mean 'geo'?"),
+}
+
+
+@pytest.mark.parametrize("header, problem, fix", TAG_TOLERANCE_ERRORS.values(), ids=TAG_TOLERANCE_ERRORS.keys())
+def test_invalid_tag_tolerance_error(tmp_path: Path, header: dict, problem: str, fix: str) -> None:
+    path = write_jsonl(tmp_path / "x.kinject.jsonl", {"suite": header}, {**MINIMAL, "tags": ["geo"]})
+
+    message = str(load_error(path))
+
+    assert message.startswith(f"{path}:1: ")
+    assert problem in message
+    assert fix in message
+    assert "\n" not in message
+
+
+def test_yaml_tag_tolerance_error_names_its_line(tmp_path: Path) -> None:
+    path = tmp_path / "x.kinject.yaml"
+    path.write_text("description: d\ntag_tolerances:\n  gold: {kl: 0.1}\nfacts:\n  - {prompt: a, expect: b}\n",
+                    encoding="utf-8")
+
+    message = str(load_error(path))
+
+    assert message.startswith(f"{path}:2: ")
+    assert "names the tag 'gold', which no fact carries" in message
 
 
 def test_bad_header_default_is_rejected(tmp_path: Path) -> None:
@@ -545,3 +678,4 @@ def test_examples_suite_uses_every_option() -> None:
     assert any(fact.tolerance != suite.tolerance for fact in suite.facts)
     assert suite.tolerance != Tolerance()
     assert all("examples" in fact.tags for fact in suite.facts)
+    assert set(suite.tag_tolerances) == {"astronomy", "chemistry"}

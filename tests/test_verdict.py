@@ -16,8 +16,10 @@ from kinject_pytest.verdict import (
     REGRESSED,
     RETAINED,
     UNKNOWN,
+    answer_rank,
     completion_matches,
     judge,
+    top_k_overlap,
 )
 
 TOP_IDS = (11, 12, 13)
@@ -25,7 +27,7 @@ BASE_TOP = (math.log(0.6), math.log(0.3), math.log(0.05))
 
 
 def result(completion: str, answer_logprob: float = -0.5, choice_logprobs: tuple[float, ...] = (),
-           probe: tuple[float, ...] = BASE_TOP) -> FactResult:
+           probe: tuple[float, ...] = BASE_TOP, top_ids: tuple[int, ...] = TOP_IDS) -> FactResult:
     return FactResult(
         completion=completion,
         completion_token_ids=(1, 2),
@@ -33,7 +35,7 @@ def result(completion: str, answer_logprob: float = -0.5, choice_logprobs: tuple
         answer_token_counts=(1,),
         choice_logprobs=choice_logprobs,
         choice_token_counts=tuple(1 for _ in choice_logprobs),
-        top_token_ids=TOP_IDS,
+        top_token_ids=top_ids,
         top_tokens=("a", "b", "c"),
         top_logprobs=BASE_TOP,
         probe_logprobs=probe,
@@ -109,6 +111,110 @@ def test_regex_fact_has_no_logprob():
 
     assert verdict.status == RETAINED
     assert verdict.logprob_drop is None
+    assert verdict.rank_change is None
+
+
+LOOSE = Tolerance(kl=10.0, logprob_drop=10.0, top_k_overlap=0.0, rank_change=3)
+CHOICES_FACT = Fact(id="f", prompt="p", expect=("Paris",), choices=("Lyon", "Nice", "Lille"))
+
+
+@pytest.mark.parametrize(("candidate_ids", "overlap", "failed"), [
+    ((11, 12, 13), 1.0, ()),
+    ((13, 11, 99), 2 / 3, ()),  # order within the top-k does not matter
+    ((11, 98, 99), 1 / 3, ("top_k_overlap",)),
+    ((97, 98, 99), 0.0, ("top_k_overlap",)),
+])
+def test_top_k_overlap_against_tolerance(candidate_ids, overlap, failed):
+    tolerance = Tolerance(kl=10.0, logprob_drop=10.0, top_k_overlap=0.5, rank_change=3)
+
+    verdict = judge(FACT, result(" Paris."), result(" Paris.", top_ids=candidate_ids), tolerance)
+
+    assert verdict.top_k_overlap == pytest.approx(overlap)
+    assert verdict.failed_checks == failed
+    assert verdict.status == (REGRESSED if failed else RETAINED)
+
+
+def test_top_k_overlap_ignored_for_unknown_fact():
+    verdict = judge(FACT, result(" Lyon."), result(" Lyon.", top_ids=(97, 98, 99)), DEFAULT_TOLERANCE)
+
+    assert verdict.top_k_overlap == 0.0
+    assert verdict.status == UNKNOWN
+
+
+@pytest.mark.parametrize(("base_choices", "candidate_choices", "base_rank", "candidate_rank"), [
+    ((-3.0, -4.0, -5.0), (-3.0, -4.0, -5.0), 1, 1),
+    ((-3.0, -4.0, -5.0), (-0.1, -4.0, -5.0), 1, 2),
+    ((-0.4, -4.0, -5.0), (-0.1, -0.2, -0.3), 2, 4),
+    ((-0.5, -4.0, -5.0), (-3.0, -4.0, -5.0), 2, 1),  # a tie ranks the choice first, as the choice check does
+])
+def test_answer_rank_among_choices(base_choices, candidate_choices, base_rank, candidate_rank):
+    verdict = judge(CHOICES_FACT, result(" Paris.", -0.5, base_choices), result(" Paris.", -0.5, candidate_choices),
+                    LOOSE)
+
+    assert verdict.base_rank == base_rank
+    assert verdict.candidate_rank == candidate_rank
+    assert verdict.rank_change == candidate_rank - base_rank
+
+
+@pytest.mark.parametrize(("limit", "failed"), [(1, ("rank_change",)), (2, ())])
+def test_rank_change_against_tolerance(limit, failed):
+    # The base knows the fact by generation but ranks one choice above the answer; the candidate ranks
+    # two more above it, so the answer falls from place 2 to place 4.
+    base = result(" Paris.", -0.5, (-0.4, -4.0, -5.0))
+    candidate = result(" Paris.", -0.5, (-0.1, -0.2, -0.3))
+
+    verdict = judge(CHOICES_FACT, base, candidate, Tolerance(kl=10.0, logprob_drop=10.0, rank_change=limit))
+
+    assert verdict.failed_checks == failed
+
+
+def test_rank_change_reported_beside_choice_check():
+    base = result(" Paris.", -0.5, (-3.0, -4.0, -5.0))
+    candidate = result(" Paris.", -0.5, (-0.1, -0.2, -4.0))
+
+    verdict = judge(CHOICES_FACT, base, candidate, Tolerance(kl=10.0, logprob_drop=10.0, rank_change=1))
+
+    assert verdict.failed_checks == ("choice", "rank_change")
+
+
+def test_facts_without_choices_have_no_rank():
+    verdict = judge(FACT, result(" Paris."), result(" Paris."), DEFAULT_TOLERANCE)
+
+    assert verdict.base_rank is None
+    assert verdict.rank_change is None
+
+
+def test_answer_rank_without_choices_or_answers():
+    assert answer_rank((-1.0,), ()) is None
+    assert answer_rank((), (-1.0,)) is None
+    assert answer_rank((-2.0, -0.5), (-1.0,)) == 1  # the best accepted answer is ranked
+
+
+token_ids = st.lists(st.integers(min_value=0, max_value=60), max_size=25, unique=True)
+
+
+@given(first=token_ids, second=token_ids)
+def test_top_k_overlap_is_a_fraction(first, second):
+    overlap = top_k_overlap(first, second)
+
+    if not first:
+        assert overlap is None
+    else:
+        assert 0.0 <= overlap <= 1.0
+
+
+@given(ids=token_ids.filter(bool))
+def test_top_k_overlap_of_identical_lists_is_one(ids):
+    assert top_k_overlap(ids, ids) == 1.0
+    assert top_k_overlap(ids, list(reversed(ids))) == 1.0
+
+
+@given(data=st.data(), size=st.integers(min_value=1, max_value=25))
+def test_top_k_overlap_is_symmetric_for_equal_lengths(data, size):
+    first = data.draw(st.lists(st.integers(0, 60), min_size=size, max_size=size, unique=True))
+    second = data.draw(st.lists(st.integers(0, 60), min_size=size, max_size=size, unique=True))
+
+    assert top_k_overlap(first, second) == top_k_overlap(second, first)
 
 
 @pytest.mark.parametrize(
