@@ -56,12 +56,14 @@ logger = logging.getLogger(__name__)
 NO_EFFECT_NATS = 1e-4
 
 # Added to each fact's kl and logprob_drop tolerances (nats) when the candidate runs in another
-# dtype than the snapshot was recorded in, keyed by the lower-precision dtype of the two.
-# bench/bench_dtype.py scores SmolLM2-135M-Instruct in each dtype on CPU against its float32
-# snapshot of suites/known_facts.kinject.jsonl (1008 facts); see docs/tolerances.md for the numbers.
+# dtype than the snapshot was recorded in. When both dtypes have an entry, the larger amount applies.
+# On the first 128 facts of suites/known_facts.kinject.jsonl, SmolLM2-135M-Instruct on CPU drifted
+# from its float32 snapshot by at most 0.011 nats of KL and 0.164 nats of log-probability drop in
+# bfloat16, and 0.0001 and 0.027 in float16 (bench/bench_dtype.py, docs/benchmarks.md). The amounts
+# are about twice those maxima or more, rounded up.
 DTYPE_WIDENING = {
-    "bfloat16": Tolerance(kl=0.05, logprob_drop=0.25),
-    "float16": Tolerance(kl=0.01, logprob_drop=0.05),
+    "bfloat16": Tolerance(kl=0.05, logprob_drop=0.3),
+    "float16": Tolerance(kl=0.01, logprob_drop=0.1),
 }
 # Added when only the device kind differs (cpu against cuda) in the same dtype. NOTE: an estimate,
 # not a measurement: float32 matmuls on a GPU reorder sums, which moves log-probabilities by about
