@@ -270,6 +270,12 @@ class Kinject:
                 # the session keeps no handle to detach them, so the fixture loads its own copy.
                 logger.info("kinject: loading a second copy of %s for the kinject fixture", self.options.model)
                 base = self._fresh_session()._base_model()
+            else:
+                # The session's base scored the suites before any test ran, and a hook or an earlier
+                # test may have changed it in place since. NOTE: checked once, when the fixture first
+                # uses the base, because the hash costs about 1 s on SmolLM2; a test that edits
+                # the model after that goes unnoticed.
+                _fail_if_modified(base)
             self._base = base
         return self._base
 
@@ -332,6 +338,15 @@ def _answer_tuple(answer: Answers) -> tuple[str, ...]:
     if isinstance(answer, str):
         return (answer,) if answer else ()
     return tuple(answer)
+
+
+def _fail_if_modified(loaded: Any) -> None:
+    from .models import ModelError, check_unmodified
+
+    try:
+        check_unmodified(loaded)
+    except ModelError as error:
+        pytest.fail(f"kinject fixture: {error}", pytrace=False)
 
 
 def _has_adapter_layers(model: Any) -> bool:

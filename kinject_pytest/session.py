@@ -43,6 +43,7 @@ from .models import (
     base_logits,
     cache_dir,
     check_reference,
+    check_unmodified,
     is_cached,
     load_model,
     model_slug,
@@ -67,6 +68,22 @@ logger = logging.getLogger(__name__)
 # A candidate whose log-probabilities all stay this close to the base's changed nothing. Re-scoring
 # the unchanged base in another batch moves them by about 2e-5 nats in float32 on SmolLM2.
 NO_EFFECT_NATS = 1e-4
+
+# Added to each fact's kl and logprob_drop tolerances (nats) when the candidate runs in another
+# dtype than the snapshot was recorded in. When both dtypes have an entry, the larger amount applies.
+# On the first 128 facts of suites/known_facts.kinject.jsonl, SmolLM2-135M-Instruct on CPU drifted
+# from its float32 snapshot by at most 0.011 nats of KL and 0.164 nats of log-probability drop in
+# bfloat16, and 0.0001 and 0.027 in float16 (bench/bench_dtype.py, docs/benchmarks.md). The amounts
+# are about twice those maxima or more, rounded up.
+DTYPE_WIDENING = {
+    "bfloat16": Tolerance(kl=0.05, logprob_drop=0.3),
+    "float16": Tolerance(kl=0.01, logprob_drop=0.1),
+}
+# Added when only the device kind differs (cpu against cuda) in the same dtype. NOTE: an estimate,
+# not a measurement: float32 matmuls on a GPU reorder sums, which moves log-probabilities by about
+# 1e-5 nats while TF32 stays off (PyTorch's default), and no GPU was available to measure it.
+DEVICE_WIDENING = Tolerance(kl=0.01, logprob_drop=0.01)
+NO_WIDENING = Tolerance(kl=0.0, logprob_drop=0.0)
 
 
 class KinjectWarning(UserWarning):
@@ -398,7 +415,7 @@ class KinjectSession:
                 continue
             snapshot = snapshots[suite]
             assert snapshot is not None  # _usable_facts only keeps facts with an entry
-            self._check_snapshot_matches(suite, snapshot, candidate)
+            widening = self._check_snapshot_matches(suite, snapshot, candidate)
 
             base_results = {fact.id: snapshot.result(fact.id) for fact in facts}
             if self._base_scored and candidate is self._base:
@@ -424,7 +441,7 @@ class KinjectSession:
                     run.outcomes[outcome_key(fact, run.spec.name)] = self._judge_taught(
                         fact, snapshot, candidate, candidate_results, run.spec.name)
                     continue
-                tolerance = fact.tolerance.over(self.options.tolerance).over(DEFAULT_TOLERANCE)
+                tolerance = widen(fact.tolerance.over(self.options.tolerance).over(DEFAULT_TOLERANCE), widening)
                 verdict = judge(fact, base_results[fact.id], candidate_results[_key(fact)], tolerance)
                 run.outcomes[outcome_key(fact, run.spec.name)] = Outcome(fact, verdict=verdict, recorded=self.options.update,
                                                                          candidate=run.spec.name)
@@ -515,7 +532,12 @@ class KinjectSession:
         # Exact equality: the same weights and the same input give the same logits on one device.
         return torch.equal(base_logits(self._adapted, prompt), reference)
 
-    def _check_snapshot_matches(self, suite: Path, snapshot: Snapshot, candidate: LoadedModel) -> None:
+    def _check_snapshot_matches(self, suite: Path, snapshot: Snapshot, candidate: LoadedModel) -> Tolerance:
+        """Raise KinjectUsageError when ``snapshot`` cannot be compared with ``candidate``.
+
+        Returns the amount, in nats, to add to each fact's tolerance because the candidate runs in
+        another dtype or on another device than the snapshot was recorded with.
+        """
         recorded = snapshot.model.get("fingerprint", {})
         if recorded.get("tokenizer_sha256") != candidate.fingerprint.tokenizer:
             raise KinjectUsageError(
@@ -530,16 +552,61 @@ class KinjectSession:
                 f"(sha256 {str(recorded.get('weights_sha256'))[:12]}, loaded {candidate.fingerprint.weights[:12]}); "
                 f"the snapshot is stale, re-record it with: {self.options.update_command(display_path(suite))}"
             )
-        for name in ("dtype", "device"):
-            recorded_value = snapshot.settings.get(name)
-            current = getattr(candidate, name)
-            if recorded_value is not None and recorded_value != current:
-                warnings.warn(
-                    f"{snapshot.path} was recorded with {name} {recorded_value} and the candidate runs with "
-                    f"{current}; small differences in log-probabilities are expected",
-                    KinjectWarning,
-                    stacklevel=2,
-                )
+        if compares_base:
+            self._check_base_in_memory(suite, snapshot, candidate)
+        return self._widening(snapshot, candidate)
+
+    def _check_base_in_memory(self, suite: Path, snapshot: Snapshot, candidate: LoadedModel) -> None:
+        """Raise KinjectUsageError when the base's tensors differ from the snapshot's or from their load-time hash."""
+        if candidate is self._base:
+            # With adapters, attach_adapters made this check before PEFT changed the base in place.
+            try:
+                check_unmodified(candidate)
+            except ModelError as error:
+                raise KinjectUsageError(f"{snapshot.path}: {error}") from error
+
+        # The hash covers the tensors' bytes, so it is only comparable in the recorded dtype.
+        # Snapshots recorded before the hash existed have no state_sha256 and skip this check.
+        recorded_state = snapshot.model.get("fingerprint", {}).get("state_sha256")
+        loaded_state = candidate.fingerprint.state
+        same_dtype = snapshot.settings.get("dtype") == candidate.dtype
+        if recorded_state and loaded_state and same_dtype and recorded_state != loaded_state:
+            raise KinjectUsageError(
+                f"{snapshot.path}: the base {candidate.reference} in memory differs from the one the snapshot was "
+                f"recorded from although its weight files hash the same (tensor sha256 {recorded_state[:12]} "
+                f"recorded, {loaded_state[:12]} loaded), so it was changed after loading or loaded differently; "
+                f"gate against an unmodified base, or re-record the snapshot with: "
+                f"{self.options.update_command(display_path(suite))}"
+            )
+
+    def _widening(self, snapshot: Snapshot, candidate: LoadedModel) -> Tolerance:
+        """Return the tolerance widening for a dtype or device change, with a KinjectWarning that states it."""
+        recorded_dtype = snapshot.settings.get("dtype")
+        recorded_device = snapshot.settings.get("device")
+        dtype_changed = recorded_dtype is not None and recorded_dtype != candidate.dtype
+        device_changed = recorded_device is not None and _device_kind(recorded_device) != _device_kind(candidate.device)
+        if not dtype_changed and not device_changed:
+            return NO_WIDENING
+
+        widening = NO_WIDENING
+        changes = []
+        if dtype_changed:
+            widening = _sum_tolerances(widening, dtype_widening(recorded_dtype, candidate.dtype))
+            changes.append(f"dtype {recorded_dtype}, the candidate runs in {candidate.dtype}")
+        if device_changed:
+            widening = _sum_tolerances(widening, DEVICE_WIDENING)
+            changes.append(f"device {recorded_device}, the candidate runs on {candidate.device}")
+        default = widen(DEFAULT_TOLERANCE, widening)
+        warnings.warn(
+            f"{display_path(snapshot.path)} was recorded with " + " and ".join(changes) + f"; each fact's "
+            f"tolerance is widened by {widening.kl:g} nats of KL and {widening.logprob_drop:g} nats of "
+            f"log-probability drop (the defaults become kl {default.kl:g} and logprob_drop "
+            f"{default.logprob_drop:g}); to judge without widening, record the base in {candidate.dtype} on "
+            f"{candidate.device} with --kinject-update into its own --kinject-snapshot-dir",
+            KinjectWarning,
+            stacklevel=2,
+        )
+        return widening
 
     def _score(self, loaded: LoadedModel, facts: list[Fact], settings: ScoringSettings, *, what: str,
                probes: dict[str, FactResult | None] | None = None) -> dict[str, FactResult]:
@@ -566,6 +633,35 @@ def _bias_note(adapter_dir: str) -> str:
     if bias is None:
         return ""
     return f" (it trains biases, bias={bias!r}, which PEFT loads into the base's own parameters)"
+
+
+def dtype_widening(recorded: str, current: str) -> Tolerance:
+    """Return the tolerance widening for a candidate in dtype ``current`` judged against a ``recorded`` snapshot."""
+    if recorded == current:
+        return NO_WIDENING
+    amounts = [DTYPE_WIDENING.get(recorded, NO_WIDENING), DTYPE_WIDENING.get(current, NO_WIDENING)]
+    return Tolerance(kl=max(amount.kl for amount in amounts),
+                     logprob_drop=max(amount.logprob_drop for amount in amounts))
+
+
+def widen(tolerance: Tolerance, widening: Tolerance) -> Tolerance:
+    """Return ``tolerance`` with ``widening`` added to its kl and logprob_drop limits that are set."""
+    if widening == NO_WIDENING:
+        return tolerance
+    return dataclasses.replace(
+        tolerance,
+        kl=None if tolerance.kl is None else tolerance.kl + widening.kl,
+        logprob_drop=None if tolerance.logprob_drop is None else tolerance.logprob_drop + widening.logprob_drop,
+    )
+
+
+def _sum_tolerances(first: Tolerance, second: Tolerance) -> Tolerance:
+    return Tolerance(kl=first.kl + second.kl, logprob_drop=first.logprob_drop + second.logprob_drop)
+
+
+def _device_kind(device: str) -> str:
+    # cuda:0 and cuda:1 compute alike; cpu and cuda do not.
+    return device.split(":", 1)[0]
 
 
 def _largest_change(base: FactResult, candidate: FactResult) -> float:

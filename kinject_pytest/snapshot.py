@@ -215,7 +215,8 @@ def updated_snapshot(
     kept = {fact_id: entry for fact_id, entry in existing.facts.items() if fact_id not in entries}
     if suite_fact_ids is not None:
         kept = {fact_id: entry for fact_id, entry in kept.items() if fact_id in suite_fact_ids}
-    header_changed = _header_key(existing.model, existing.settings) != _header_key(model, settings)
+    header_changed = _header_key(existing.model, existing.settings) != _header_key(model, settings) \
+        or _state_changed(existing.model, model)
     if kept and header_changed:
         raise SnapshotError(
             f"{path}: recorded with another model or other settings, and {len(kept)} of its entries "
@@ -231,3 +232,11 @@ def _header_key(model: dict[str, Any], settings: dict[str, Any]) -> tuple[str, s
     # Batch size is left out: results do not depend on it (see the engine), the rest of the settings do.
     measured = {name: value for name, value in settings.items() if name != "batch_size"}
     return json.dumps(identity, sort_keys=True), json.dumps(measured, sort_keys=True)
+
+
+def _state_changed(recorded: dict[str, Any], current: dict[str, Any]) -> bool:
+    # Snapshots recorded before the in-memory hash existed have no state_sha256, and their entries
+    # can be kept next to new ones when the weight files hash the same.
+    before = recorded.get("fingerprint", {}).get("state_sha256")
+    after = current.get("fingerprint", {}).get("state_sha256")
+    return before is not None and after is not None and before != after

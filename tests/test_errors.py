@@ -129,16 +129,21 @@ def test_tiny_adapter_changes_tiny_model(pytester, tiny_llama, tiny_lora, tiny_s
 
 
 @pytest.mark.smollm2
-def test_adapter_for_other_base_is_usage_error(pytester, smollm2_dir, tiny_lora):
+def test_adapter_for_other_base_is_usage_error(pytester, smollm2_dir, tiny_lora, tmp_path):
     write_jsonl(pytester.path / "f.kinject.jsonl", MINIMAL)
     pytester.runpytest("--kinject", "--kinject-update")
+    # Without a recorded base model name, only the weight shapes show the mismatch.
+    adapter = shutil.copytree(tiny_lora, tmp_path / "unnamed-base")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = None
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
 
-    result = pytester.runpytest("--kinject", f"--kinject-adapter={tiny_lora}")
+    result = pytester.runpytest("--kinject", f"--kinject-adapter={adapter}")
 
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     lines = error_lines(result)
     assert len(lines) == 1
-    assert lines[0].startswith(f"ERROR: adapter {tiny_lora} does not fit base model smollm2 (")
+    assert lines[0].startswith(f"ERROR: adapter {adapter} does not fit base model smollm2 (")
     assert lines[0].endswith("pass the base it was trained on with --kinject-model")
 
 

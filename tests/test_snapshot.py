@@ -83,6 +83,30 @@ def test_partial_update_from_other_model_is_rejected(tmp_path):
         updated_snapshot(first, path, model=other, settings=SETTINGS, entries={"a": entry("pa")}, suite_fact_ids=None)
 
 
+def test_partial_update_with_other_tensor_hash_is_rejected(tmp_path):
+    path = tmp_path / "s.json"
+    hashed = {"reference": "smollm2", "fingerprint": {**MODEL["fingerprint"], "state_sha256": "dd"}}
+    first = updated_snapshot(None, path, model=hashed, settings=SETTINGS,
+                             entries={"a": entry("pa"), "b": entry("pb")}, suite_fact_ids=None)
+    other = {"reference": "smollm2", "fingerprint": {**MODEL["fingerprint"], "state_sha256": "ee"}}
+
+    with pytest.raises(SnapshotError, match=r"s\.json: recorded with another model"):
+        updated_snapshot(first, path, model=other, settings=SETTINGS, entries={"a": entry("pa")}, suite_fact_ids=None)
+
+
+def test_partial_update_adds_tensor_hash_to_old_snapshot(tmp_path):
+    path = tmp_path / "s.json"
+    first = updated_snapshot(None, path, model=MODEL, settings=SETTINGS,
+                             entries={"a": entry("pa"), "b": entry("pb")}, suite_fact_ids=None)
+    hashed = {"reference": "smollm2", "fingerprint": {**MODEL["fingerprint"], "state_sha256": "dd"}}
+
+    second = updated_snapshot(first, path, model=hashed, settings=SETTINGS, entries={"a": entry("pa")},
+                              suite_fact_ids=None)
+
+    assert sorted(second.facts) == ["a", "b"]
+    assert second.model["fingerprint"]["state_sha256"] == "dd"
+
+
 def test_batch_size_change_allows_partial_update(tmp_path):
     path = tmp_path / "s.json"
     first = updated_snapshot(None, path, model=MODEL, settings=SETTINGS,
