@@ -292,3 +292,15 @@ def test_unwritable_report_is_reported_without_traceback(pytester, tiny_llama):
     result.assert_outcomes(skipped=2)
     result.stdout.fnmatch_lines(["kinject: could not write the reports (*); check the --kinject-report paths"])
     assert "Traceback" not in result.stdout.str()
+
+
+def test_top_k_beyond_vocabulary_is_usage_error(pytester, tiny_llama):
+    write_jsonl(pytester.path / "f.kinject.jsonl", TWO_FACTS)
+
+    result = pytester.runpytest("--kinject", "--kinject-update", f"--kinject-model={tiny_llama}", "--kinject-top-k=100000")
+
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert "INTERNALERROR" not in result.stdout.str() + result.stderr.str()
+    result.stderr.fnmatch_lines(["ERROR: --kinject-top-k=100000 is larger than the vocabulary of * tokens of model *; "
+                                 "pass a smaller --kinject-top-k, such as 20"])
+    assert not (pytester.path / "__kinject__").exists()
