@@ -195,7 +195,27 @@ def _options(config: pytest.Config) -> Any:
         if Path(report).suffix.lower() not in SUPPORTED_SUFFIXES:
             raise pytest.UsageError(f"--kinject-report={report} has an unsupported suffix; use a file name ending "
                                     "in " + " or ".join(SUPPORTED_SUFFIXES))
+        problem = _report_path_problem(Path(report))
+        if problem is not None:
+            raise pytest.UsageError(f"--kinject-report={report} cannot be written: {problem}; pass a file path in a "
+                                    "folder that exists or can be created")
     return options
+
+
+def _report_path_problem(path: Path) -> str | None:
+    """Say why ``path`` cannot become a report file, or return None.
+
+    Reports are written after every fact has been scored, so a path that can never be written is
+    rejected before the models load.
+    """
+    if path.is_dir():
+        return f"{path} is a folder"
+    for parent in path.parents:
+        if parent.is_dir():
+            return None
+        if parent.exists():
+            return f"{parent} is a file, not a folder"
+    return None
 
 
 def _gate(config: pytest.Config) -> tuple[str, Any, dict[str, Any]]:

@@ -283,11 +283,18 @@ def test_kinject_flag_without_kinject_is_usage_error(pytester):
 
 def test_unwritable_report_is_reported_without_traceback(pytester, tiny_llama):
     write_jsonl(pytester.path / "f.kinject.jsonl", TWO_FACTS)
-    (pytester.path / "afile").write_text("not a folder")
     model = f"--kinject-model={tiny_llama}"
     pytester.runpytest("--kinject", "--kinject-update", model)
+    # A path that passes the check at start-up can still fail at the end (a full disk, a folder
+    # removed during the run); the writer fails that way here.
+    pytester.makeconftest(
+        "import kinject_pytest.export\n"
+        "def fail(paths, data):\n"
+        "    raise OSError(28, 'No space left on device')\n"
+        "kinject_pytest.export.write_reports = fail\n"
+    )
 
-    result = pytester.runpytest("--kinject", model, "--kinject-report=afile/report.json")
+    result = pytester.runpytest("--kinject", model, "--kinject-report=report.json")
 
     result.assert_outcomes(skipped=2)
     result.stdout.fnmatch_lines(["kinject: could not write the reports (*); check the --kinject-report paths"])
@@ -304,3 +311,17 @@ def test_top_k_beyond_vocabulary_is_usage_error(pytester, tiny_llama):
     result.stderr.fnmatch_lines(["ERROR: --kinject-top-k=100000 is larger than the vocabulary of * tokens of model *; "
                                  "pass a smaller --kinject-top-k, such as 20"])
     assert not (pytester.path / "__kinject__").exists()
+
+
+@pytest.mark.parametrize("report", ["notes.txt/report.json", "reports.json"])
+def test_unwritable_report_path_is_usage_error(pytester, report):
+    write_jsonl(pytester.path / "f.kinject.jsonl", TWO_FACTS)
+    (pytester.path / "notes.txt").write_text("a file, not a folder\n")
+    (pytester.path / "reports.json").mkdir()
+
+    result = pytester.runpytest("--kinject", f"--kinject-report={report}")
+
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([f"ERROR: --kinject-report={report} cannot be written: * is *; pass a file path "
+                                 "in a folder that exists or can be created"])
+    assert (pytester.path / "notes.txt").read_text() == "a file, not a folder\n"
