@@ -299,6 +299,10 @@ class KinjectPlugin:
             outcomes = self.session.run(facts, whole_suites=_whole_suites(session, facts), selected=selected)
         except KinjectUsageError as error:
             raise pytest.UsageError(str(error)) from None
+        except Warning as error:
+            # Scoring runs in a collection hook, where a warning that -W error or the ini key
+            # filterwarnings turns into an exception would end as an INTERNALERROR traceback.
+            raise pytest.UsageError(f"{error} (a {type(error).__name__}, made an error by -W or filterwarnings)") from None
         for item in items:
             item.stash[outcome_key] = outcomes.get(item.outcome_key)
         # Added after -k/-m deselection, so the gate judges exactly the selected facts, once per candidate.

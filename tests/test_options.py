@@ -73,9 +73,24 @@ def test_other_dtype_than_snapshot_warns(pytester, tiny_llama):
     result = pytester.runpytest("--kinject", f"--kinject-model={tiny_llama}", "--kinject-dtype=bfloat16",
                                 "-W", "error::kinject_pytest.session.KinjectWarning")
 
-    assert result.ret == pytest.ExitCode.INTERNAL_ERROR or result.ret != pytest.ExitCode.OK
-    result.stdout.fnmatch_lines(["*was recorded with dtype float32, the candidate runs in bfloat16; each fact's tolerance "
-                                 "is widened by 0.05 nats of KL*"])
+    # The warning, turned into an error, stops the run as a usage error rather than an INTERNALERROR.
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert "INTERNALERROR" not in result.stdout.str() + result.stderr.str()
+    result.stderr.fnmatch_lines(["ERROR: *was recorded with dtype float32, the candidate runs in bfloat16; each fact's "
+                                 "tolerance is widened by 0.05 nats of KL*(a KinjectWarning, made an error by -W or "
+                                 "filterwarnings)"])
+
+
+def test_filterwarnings_error_stops_widened_run(pytester, tiny_llama):
+    write_jsonl(pytester.path / "f.kinject.jsonl", TWO_FACTS)
+    pytester.runpytest("--kinject", "--kinject-update", f"--kinject-model={tiny_llama}")
+    pytester.makeini("[pytest]\nfilterwarnings =\n    error\n")
+
+    result = pytester.runpytest("--kinject", f"--kinject-model={tiny_llama}", "--kinject-dtype=bfloat16")
+
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert "INTERNALERROR" not in result.stdout.str() + result.stderr.str()
+    result.stderr.fnmatch_lines(["ERROR: *the candidate runs in bfloat16*"])
 
 
 def test_bfloat16_scores_close_to_float32(tiny_llama):
