@@ -15,6 +15,8 @@ import pytest
 from .fixture import kinject  # noqa: F401  (pytest registers fixtures defined in plugin modules)
 from .suite import Fact, SuiteError, Tolerance, is_suite_file, load_suite, tolerance_problem
 
+DTYPES = ("float32", "bfloat16", "float16")
+
 outcome_key = pytest.StashKey["Any"]()
 # Number of facts in each collected suite file, to tell a whole-suite run from a selection.
 fact_counts_key = pytest.StashKey[dict[Path, int]]()
@@ -46,7 +48,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="A full or merged fine-tuned checkpoint to check instead of the base (folder, hub id, .gguf).")
     group.addoption("--kinject-device", metavar="DEVICE", default=None,
                     help="Device to score on: auto (CUDA when available), cpu, cuda, cuda:N, mps (ini: kinject_device).")
-    group.addoption("--kinject-dtype", metavar="DTYPE", default=None, choices=("float32", "bfloat16", "float16"),
+    group.addoption("--kinject-dtype", metavar="DTYPE", default=None, choices=DTYPES,
                     help="Dtype of the model weights: float32 (default), bfloat16, float16 (ini: kinject_dtype).")
     group.addoption("--kinject-batch-size", metavar="N", type=int, default=None,
                     help="Facts per batched pass, default 64 (ini: kinject_batch_size).")
@@ -149,6 +151,14 @@ def _setting(config: pytest.Config, name: str, convert: Any = str) -> Any:
         raise pytest.UsageError(f"ini key kinject_{name} = {value!r} is invalid; expected {kind}") from None
 
 
+def _ini_flag(config: pytest.Config, name: str) -> bool:
+    # pytest 9.2 turns an invalid boolean into a UsageError that does not name the key.
+    try:
+        return bool(config.getini(name))
+    except (ValueError, pytest.UsageError) as error:
+        raise pytest.UsageError(f"ini key {name}: {error}; write true or false") from None
+
+
 def _options(config: pytest.Config) -> Any:
     from .engine import DEFAULT_BATCH_SIZE
     from .session import Options
@@ -168,9 +178,13 @@ def _options(config: pytest.Config) -> Any:
                             logprob_drop=_setting(config, "max_logprob_drop", float),
                             top_k_overlap=_setting(config, "min_top_k_overlap", float),
                             rank_change=_setting(config, "max_rank_change", int)),
-        each_adapter=bool(config.getoption("kinject_each_adapter") or config.getini("kinject_each_adapter")),
-        live_base=bool(config.getoption("kinject_live_base") or config.getini("kinject_live_base")),
+        each_adapter=bool(config.getoption("kinject_each_adapter") or _ini_flag(config, "kinject_each_adapter")),
+        live_base=bool(config.getoption("kinject_live_base") or _ini_flag(config, "kinject_live_base")),
     )
+    # The flag's choices are checked by argparse; a value from the ini key is not.
+    if options.dtype not in DTYPES:
+        raise pytest.UsageError(f"ini key kinject_dtype = {options.dtype!r} is invalid; use "
+                                f"{', '.join(DTYPES[:-1])} or {DTYPES[-1]}")
     if options.candidate and options.adapters:
         raise pytest.UsageError("--kinject-candidate and --kinject-adapter cannot be combined; an adapter applies "
                                 "to the base model, so pass the base with --kinject-model")

@@ -340,3 +340,21 @@ def test_unwritable_report_path_is_usage_error(pytester, report):
     result.stderr.fnmatch_lines([f"ERROR: --kinject-report={report} cannot be written: * is *; pass a file path "
                                  "in a folder that exists or can be created"])
     assert (pytester.path / "notes.txt").read_text() == "a file, not a folder\n"
+
+
+@pytest.mark.parametrize(
+    ("ini", "message"),
+    [
+        ("kinject_each_adapter = maybe", "ERROR: ini key kinject_each_adapter: invalid truth value 'maybe'; write true or false"),
+        ("kinject_live_base = maybe", "ERROR: ini key kinject_live_base: invalid truth value 'maybe'; write true or false"),
+        ("kinject_dtype = float64", "ERROR: ini key kinject_dtype = 'float64' is invalid; use float32, bfloat16 or float16"),
+    ],
+)
+def test_invalid_ini_value_names_ini_key(pytester, ini, message):
+    write_jsonl(pytester.path / "f.kinject.jsonl", TWO_FACTS)
+    pytester.makeini(f"[pytest]\n{ini}\n")
+
+    result = pytester.runpytest("--kinject", "--kinject-model=./no/such/model")
+
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert [line for line in result.stderr.lines if line.startswith("ERROR:")] == [message]
