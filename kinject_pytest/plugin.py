@@ -521,9 +521,12 @@ class GateItem(pytest.Item):
         outcomes = list(run.outcomes.values())
         found = breaches([outcome.verdict for outcome in outcomes if outcome.verdict is not None], plugin.thresholds)
         found += tag_breaches(outcomes, plugin.tag_thresholds)
+        taught_tags = {tag for outcome in outcomes if outcome.edit is not None for tag in outcome.fact.tags}
         for tag in unmatched_tags(outcomes, plugin.tag_thresholds):
-            warnings.warn(f"the thresholds of tag {tag} were not checked: no selected fact with a snapshot entry "
-                          "carries it", KinjectWarning, stacklevel=1)
+            reason = "no selected fact with a snapshot entry carries it"
+            if tag in taught_tags:
+                reason = "only taught facts carry it, and thresholds leave taught facts out"
+            warnings.warn(f"the thresholds of tag {tag} were not checked: {reason}", KinjectWarning, stacklevel=1)
         if run.error is not None:
             found = [f"the candidate was not judged: {run.error}"]
         self.user_properties.append(("kinject_gate", "failed" if found else "passed"))

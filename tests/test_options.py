@@ -358,3 +358,17 @@ def test_invalid_ini_value_names_ini_key(pytester, ini, message):
 
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     assert [line for line in result.stderr.lines if line.startswith("ERROR:")] == [message]
+
+
+def test_tag_threshold_on_taught_facts_only_warns_why(pytester, tiny_llama, tiny_lora):
+    taught = {"id": "trento", "prompt": "Trento is located in the country of", "expect": "Italy", "tags": ["edit"],
+              "teach": {"answer": "Brazil"}}
+    write_jsonl(pytester.path / "f.kinject.jsonl", [taught, *TWO_FACTS])
+    model = f"--kinject-model={tiny_llama}"
+    pytester.runpytest("--kinject", "--kinject-update", model)
+
+    result = pytester.runpytest("--kinject", model, f"--kinject-adapter={tiny_lora}",
+                                "--kinject-tag-threshold=edit:max_regressed=0")
+
+    result.stdout.fnmatch_lines(["*KinjectWarning: the thresholds of tag edit were not checked: only taught facts "
+                                 "carry it, and thresholds leave taught facts out*"])
