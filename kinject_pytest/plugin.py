@@ -163,6 +163,16 @@ def _options(config: pytest.Config) -> Any:
     from .engine import DEFAULT_BATCH_SIZE
     from .session import Options
 
+    # An unset shell variable (--kinject-candidate=$CANDIDATE) gives an empty value, which would
+    # otherwise judge the base against itself or load the current folder.
+    for flag, values, expected in (
+        ("--kinject-model", [config.getoption("kinject_model")], "a model folder, a .gguf file, a hub id or smollm2"),
+        ("--kinject-candidate", [config.getoption("kinject_candidate")], "a model folder, a .gguf file or a hub id"),
+        ("--kinject-adapter", config.getoption("kinject_adapter"), "the folder written by PeftModel.save_pretrained()"),
+    ):
+        if any(value is not None and not value.strip() for value in values):
+            raise pytest.UsageError(f"{flag} is empty; pass {expected}")
+
     snapshot_dir = _setting(config, "snapshot_dir")
     options = Options(
         model=_setting(config, "model") or "smollm2",

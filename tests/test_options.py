@@ -372,3 +372,14 @@ def test_tag_threshold_on_taught_facts_only_warns_why(pytester, tiny_llama, tiny
 
     result.stdout.fnmatch_lines(["*KinjectWarning: the thresholds of tag edit were not checked: only taught facts "
                                  "carry it, and thresholds leave taught facts out*"])
+
+
+@pytest.mark.parametrize("option", ["--kinject-candidate=", "--kinject-adapter=", "--kinject-model="])
+def test_empty_model_option_is_usage_error(pytester, option):
+    # An unset shell variable, as in --kinject-candidate=$CANDIDATE, must not gate the base against itself.
+    write_jsonl(pytester.path / "f.kinject.jsonl", TWO_FACTS)
+
+    result = pytester.runpytest("--kinject", option)
+
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([f"ERROR: {option[:-1]} is empty; pass *"])
