@@ -106,6 +106,8 @@ class ModelProbe:
         prompt, answers = (request, ()) if isinstance(request, str) else request
         if not isinstance(prompt, str):
             raise TypeError(f"a kinject scoring request is a prompt or a (prompt, answers) pair, got {request!r}")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f"top_k={top_k!r} is invalid; pass a positive number of tokens, such as 20")
         return (prompt, _answer_tuple(answers), top_k or self.default_top_k, tuple(probe_token_ids))
 
     def _run(self, keys: list[tuple[Any, ...]]) -> None:
@@ -115,6 +117,10 @@ class ModelProbe:
         by_settings: dict[int, list[tuple[Any, ...]]] = {}
         for key in keys:
             by_settings.setdefault(key[2], []).append(key)
+        vocabulary = getattr(loaded.model.config, "vocab_size", None)
+        if vocabulary is not None and max(by_settings) > vocabulary:
+            raise ValueError(f"top_k={max(by_settings)} is larger than the vocabulary of {vocabulary} tokens of "
+                             f"{self.label}; pass a smaller k")
         for top_k, group in by_settings.items():
             queries = [Query(key=str(index), prompt=prompt, answers=answers, probe_token_ids=probes)
                        for index, (prompt, answers, _, probes) in enumerate(group)]
@@ -153,6 +159,7 @@ class Kinject:
     def assert_knows(self, prompt: str, answer: Answers, *, match: str = "prefix") -> None:
         """Fail unless the candidate's greedy completion gives an accepted answer."""
         __tracebackhide__ = True
+        _require_answers("kinject.assert_knows", answer)
         if self.candidate.knows(prompt, answer, match):
             return
         message = self._report(f"candidate does not know the answer: {_CHECK_TEXT['generation']}",
@@ -167,7 +174,9 @@ class Kinject:
         ``max_logprob_drop`` (nats) defaults to ``--kinject-max-logprob-drop``, else 1.0.
         """
         __tracebackhide__ = True
-        tolerance = self.tolerance.logprob_drop if max_logprob_drop is None else max_logprob_drop
+        _require_answers("kinject.assert_retained", answer)
+        tolerance = self.tolerance.logprob_drop if max_logprob_drop is None else _checked("max_logprob_drop",
+                                                                                          max_logprob_drop)
         if not self.base.knows(prompt, answer, match):
             return
         failed = []
@@ -190,7 +199,7 @@ class Kinject:
         rest, as for suite facts. ``max_kl`` defaults to ``--kinject-max-kl``, else 0.5.
         """
         __tracebackhide__ = True
-        tolerance = self.tolerance.kl if max_kl is None else max_kl
+        tolerance = self.tolerance.kl if max_kl is None else _checked("max_kl", max_kl)
         kl, base, candidate = self._kl(prompt)
         if kl <= tolerance:
             return
@@ -337,7 +346,27 @@ _CHECK_TEXT = {
 def _answer_tuple(answer: Answers) -> tuple[str, ...]:
     if isinstance(answer, str):
         return (answer,) if answer else ()
+    if not isinstance(answer, Iterable):
+        raise TypeError(f"an answer must be a string, got {type(answer).__name__} {answer!r}")
+    for entry in answer:
+        if not isinstance(entry, str):
+            raise TypeError(f"an answer must be a string, got {type(entry).__name__} {entry!r}")
     return tuple(answer)
+
+
+def _require_answers(helper: str, answer: Answers) -> None:
+    # With no answer, knows() returns False for every model, so the helper would fail whatever the model does.
+    if not _answer_tuple(answer):
+        raise ValueError(f"{helper} needs at least one accepted answer, got {answer!r}")
+
+
+def _checked(name: str, value: float) -> float:
+    from .suite import tolerance_problem
+
+    problem = tolerance_problem("kl", value)
+    if problem is not None:
+        raise ValueError(f"{name}={value!r} is invalid; pass {problem}")
+    return value
 
 
 def _fail_if_modified(loaded: Any) -> None:

@@ -609,10 +609,20 @@ def _read_adapter_config(adapter_dir: str) -> dict[str, Any]:
             f"adapter folder {adapter_dir} has no adapter_config.json; pass the folder written by "
             "PeftModel.save_pretrained(), or use --kinject-candidate for a full checkpoint"
         )
+    # Without a weight file PEFT takes the folder for a hub id and fails with an unrelated message.
+    if not any((path / name).is_file() for name in ("adapter_model.safetensors", "adapter_model.bin")):
+        raise ModelError(
+            f"adapter folder {adapter_dir} has no adapter_model.safetensors or adapter_model.bin; pass the folder "
+            "written by PeftModel.save_pretrained(), with its weight file"
+        )
     try:
-        return json.loads(config_path.read_text())
+        config = json.loads(config_path.read_text())
     except json.JSONDecodeError as error:
         raise ModelError(f"{config_path} is not valid JSON ({error}); re-save the adapter") from error
+    if not isinstance(config, dict):
+        raise ModelError(f"{config_path} is not a JSON object (got {type(config).__name__}); re-save the adapter "
+                         "with PeftModel.save_pretrained()")
+    return config
 
 
 def _check_adapter_task(adapter_dir: str, config: dict[str, Any], base: LoadedModel) -> None:

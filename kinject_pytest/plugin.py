@@ -15,6 +15,8 @@ import pytest
 from .fixture import kinject  # noqa: F401  (pytest registers fixtures defined in plugin modules)
 from .suite import Fact, SuiteError, Tolerance, is_suite_file, load_suite, tolerance_problem
 
+DTYPES = ("float32", "bfloat16", "float16")
+
 outcome_key = pytest.StashKey["Any"]()
 # Number of facts in each collected suite file, to tell a whole-suite run from a selection.
 fact_counts_key = pytest.StashKey[dict[Path, int]]()
@@ -46,7 +48,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="A full or merged fine-tuned checkpoint to check instead of the base (folder, hub id, .gguf).")
     group.addoption("--kinject-device", metavar="DEVICE", default=None,
                     help="Device to score on: auto (CUDA when available), cpu, cuda, cuda:N, mps (ini: kinject_device).")
-    group.addoption("--kinject-dtype", metavar="DTYPE", default=None, choices=("float32", "bfloat16", "float16"),
+    group.addoption("--kinject-dtype", metavar="DTYPE", default=None, choices=DTYPES,
                     help="Dtype of the model weights: float32 (default), bfloat16, float16 (ini: kinject_dtype).")
     group.addoption("--kinject-batch-size", metavar="N", type=int, default=None,
                     help="Facts per batched pass, default 64 (ini: kinject_batch_size).")
@@ -149,9 +151,27 @@ def _setting(config: pytest.Config, name: str, convert: Any = str) -> Any:
         raise pytest.UsageError(f"ini key kinject_{name} = {value!r} is invalid; expected {kind}") from None
 
 
+def _ini_flag(config: pytest.Config, name: str) -> bool:
+    # pytest 9.2 turns an invalid boolean into a UsageError that does not name the key.
+    try:
+        return bool(config.getini(name))
+    except (ValueError, pytest.UsageError) as error:
+        raise pytest.UsageError(f"ini key {name}: {error}; write true or false") from None
+
+
 def _options(config: pytest.Config) -> Any:
     from .engine import DEFAULT_BATCH_SIZE
     from .session import Options
+
+    # An unset shell variable (--kinject-candidate=$CANDIDATE) gives an empty value, which would
+    # otherwise judge the base against itself or load the current folder.
+    for flag, values, expected in (
+        ("--kinject-model", [config.getoption("kinject_model")], "a model folder, a .gguf file, a hub id or smollm2"),
+        ("--kinject-candidate", [config.getoption("kinject_candidate")], "a model folder, a .gguf file or a hub id"),
+        ("--kinject-adapter", config.getoption("kinject_adapter"), "the folder written by PeftModel.save_pretrained()"),
+    ):
+        if any(value is not None and not value.strip() for value in values):
+            raise pytest.UsageError(f"{flag} is empty; pass {expected}")
 
     snapshot_dir = _setting(config, "snapshot_dir")
     options = Options(
@@ -168,9 +188,13 @@ def _options(config: pytest.Config) -> Any:
                             logprob_drop=_setting(config, "max_logprob_drop", float),
                             top_k_overlap=_setting(config, "min_top_k_overlap", float),
                             rank_change=_setting(config, "max_rank_change", int)),
-        each_adapter=bool(config.getoption("kinject_each_adapter") or config.getini("kinject_each_adapter")),
-        live_base=bool(config.getoption("kinject_live_base") or config.getini("kinject_live_base")),
+        each_adapter=bool(config.getoption("kinject_each_adapter") or _ini_flag(config, "kinject_each_adapter")),
+        live_base=bool(config.getoption("kinject_live_base") or _ini_flag(config, "kinject_live_base")),
     )
+    # The flag's choices are checked by argparse; a value from the ini key is not.
+    if options.dtype not in DTYPES:
+        raise pytest.UsageError(f"ini key kinject_dtype = {options.dtype!r} is invalid; use "
+                                f"{', '.join(DTYPES[:-1])} or {DTYPES[-1]}")
     if options.candidate and options.adapters:
         raise pytest.UsageError("--kinject-candidate and --kinject-adapter cannot be combined; an adapter applies "
                                 "to the base model, so pass the base with --kinject-model")
@@ -195,7 +219,27 @@ def _options(config: pytest.Config) -> Any:
         if Path(report).suffix.lower() not in SUPPORTED_SUFFIXES:
             raise pytest.UsageError(f"--kinject-report={report} has an unsupported suffix; use a file name ending "
                                     "in " + " or ".join(SUPPORTED_SUFFIXES))
+        problem = _report_path_problem(Path(report))
+        if problem is not None:
+            raise pytest.UsageError(f"--kinject-report={report} cannot be written: {problem}; pass a file path in a "
+                                    "folder that exists or can be created")
     return options
+
+
+def _report_path_problem(path: Path) -> str | None:
+    """Say why ``path`` cannot become a report file, or return None.
+
+    Reports are written after every fact has been scored, so a path that can never be written is
+    rejected before the models load.
+    """
+    if path.is_dir():
+        return f"{path} is a folder"
+    for parent in path.parents:
+        if parent.is_dir():
+            return None
+        if parent.exists():
+            return f"{parent} is a file, not a folder"
+    return None
 
 
 def _gate(config: pytest.Config) -> tuple[str, Any, dict[str, Any]]:
@@ -279,6 +323,10 @@ class KinjectPlugin:
             outcomes = self.session.run(facts, whole_suites=_whole_suites(session, facts), selected=selected)
         except KinjectUsageError as error:
             raise pytest.UsageError(str(error)) from None
+        except Warning as error:
+            # Scoring runs in a collection hook, where a warning that -W error or the ini key
+            # filterwarnings turns into an exception would end as an INTERNALERROR traceback.
+            raise pytest.UsageError(f"{error} (a {type(error).__name__}, made an error by -W or filterwarnings)") from None
         for item in items:
             item.stash[outcome_key] = outcomes.get(item.outcome_key)
         # Added after -k/-m deselection, so the gate judges exactly the selected facts, once per candidate.
@@ -483,9 +531,12 @@ class GateItem(pytest.Item):
         outcomes = list(run.outcomes.values())
         found = breaches([outcome.verdict for outcome in outcomes if outcome.verdict is not None], plugin.thresholds)
         found += tag_breaches(outcomes, plugin.tag_thresholds)
+        taught_tags = {tag for outcome in outcomes if outcome.edit is not None for tag in outcome.fact.tags}
         for tag in unmatched_tags(outcomes, plugin.tag_thresholds):
-            warnings.warn(f"the thresholds of tag {tag} were not checked: no selected fact with a snapshot entry "
-                          "carries it", KinjectWarning, stacklevel=1)
+            reason = "no selected fact with a snapshot entry carries it"
+            if tag in taught_tags:
+                reason = "only taught facts carry it, and thresholds leave taught facts out"
+            warnings.warn(f"the thresholds of tag {tag} were not checked: {reason}", KinjectWarning, stacklevel=1)
         if run.error is not None:
             found = [f"the candidate was not judged: {run.error}"]
         self.user_properties.append(("kinject_gate", "failed" if found else "passed"))

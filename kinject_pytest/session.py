@@ -610,6 +610,11 @@ class KinjectSession:
 
     def _score(self, loaded: LoadedModel, facts: list[Fact], settings: ScoringSettings, *, what: str,
                probes: dict[str, FactResult | None] | None = None) -> dict[str, FactResult]:
+        # torch's topk raises on k above the vocabulary size, deep inside the first batch.
+        vocabulary = getattr(loaded.model.config, "vocab_size", None)
+        if vocabulary is not None and settings.top_k > vocabulary:
+            raise KinjectUsageError(f"--kinject-top-k={settings.top_k} is larger than the vocabulary of {vocabulary} "
+                                    f"tokens of model {loaded.label}; pass a smaller --kinject-top-k, such as 20")
         queries = [_query(fact, probes.get(fact.id) if probes else None) for fact in facts]
         # A taught fact adds one query per prompt that scores its old and its new answer.
         teach = [query for fact in facts for query in teach_queries(fact, _key(fact))]

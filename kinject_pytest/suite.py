@@ -673,10 +673,11 @@ def _accepted_answer_for(choice: str, expect: tuple[str, ...], match: str) -> st
     return None
 
 
-def _parse_strings(path: Path, line: int, label: str, key: str, value: Any) -> tuple[str, ...]:
+def _parse_strings(path: Path, line: int, label: str, key: str, value: Any, *, example: str = "Paris",
+                   entry: str = "answer") -> tuple[str, ...]:
     if not isinstance(value, list):
         raise SuiteError(
-            path, line, f"{label} has '{key}' of {_describe(value)}; write a list of strings, such as [\"Paris\"]"
+            path, line, f"{label} has '{key}' of {_describe(value)}; write a list of strings, such as [\"{example}\"]"
         )
     for item in value:
         if not isinstance(item, str):
@@ -686,7 +687,7 @@ def _parse_strings(path: Path, line: int, label: str, key: str, value: Any) -> t
                 f"{label} has {_describe(item)} in '{key}'; write every entry as a quoted string, such as \"{item}\"",
             )
         if not item.strip():
-            raise SuiteError(path, line, f"{label} has an empty string in '{key}'; remove it or write the answer")
+            raise SuiteError(path, line, f"{label} has an empty string in '{key}'; remove it or write the {entry}")
     return tuple(value)
 
 
@@ -750,7 +751,8 @@ def _parse_teach(
                         "'expect' keeps the old answer, so write a different new answer"
         )
 
-    paraphrases = _parse_strings(path, line, f"{label} 'teach'", "paraphrases", teach.get("paraphrases", []))
+    paraphrases = _parse_strings(path, line, f"{label} 'teach'", "paraphrases", teach.get("paraphrases", []),
+                                 example="Trento is a city in", entry="paraphrase")
     if len(set(paraphrases)) != len(paraphrases):
         raise SuiteError(path, line, f"{label} lists a paraphrase twice in 'teach'; keep one copy of each")
     return Teach(answer=answer, paraphrases=paraphrases)

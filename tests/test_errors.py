@@ -174,3 +174,31 @@ def test_collect_only_does_not_import_torch(pytester):
     result = pytester.runpytest_subprocess("--kinject", "--co", "-s")
 
     result.stdout.fnmatch_lines(["*<FactItem capital-france>*", "torch imported: False"])
+
+
+def test_adapter_without_weight_file_is_usage_error(pytester, tiny_llama, tiny_lora, tiny_snapshot, tmp_path):
+    adapter = shutil.copytree(tiny_lora, tmp_path / "no-weights")
+    for weights in adapter.glob("adapter_model.*"):
+        weights.unlink()
+
+    result = pytester.runpytest("--kinject", f"--kinject-model={tiny_llama}", f"--kinject-adapter={adapter}")
+
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert error_lines(result) == [
+        f"ERROR: adapter folder {adapter} has no adapter_model.safetensors or adapter_model.bin; pass the folder "
+        "written by PeftModel.save_pretrained(), with its weight file"
+    ]
+
+
+def test_adapter_config_not_an_object_is_usage_error(pytester, tiny_llama, tiny_lora, tiny_snapshot, tmp_path):
+    adapter = shutil.copytree(tiny_lora, tmp_path / "list-config")
+    (adapter / "adapter_config.json").write_text("[1]\n")
+
+    result = pytester.runpytest("--kinject", f"--kinject-model={tiny_llama}", f"--kinject-adapter={adapter}")
+
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert "INTERNALERROR" not in result.stdout.str() + result.stderr.str()
+    assert error_lines(result) == [
+        f"ERROR: {adapter / 'adapter_config.json'} is not a JSON object (got list); re-save the adapter with "
+        "PeftModel.save_pretrained()"
+    ]

@@ -185,3 +185,43 @@ def test_full_candidate_loads_separately(smollm2_dir, smollm2_full):
     assert kinject.candidate.knows(EDITED_PROMPT, "Brazil")
     with pytest.raises(AssertionError, match="knowledge regressed: greedy completion does not match"):
         kinject.assert_retained(EDITED_PROMPT, "Italy")
+
+
+MISUSE_TESTS = """
+import pytest
+
+PROMPT = "The capital of France is"
+
+def test_top_k_zero(kinject):
+    with pytest.raises(ValueError, match=r"^top_k=0 is invalid; pass a positive number of tokens, such as 20$"):
+        kinject.base.top_k(PROMPT, k=0)
+
+def test_top_k_beyond_vocabulary(kinject):
+    with pytest.raises(ValueError, match=r"^top_k=1000000 is larger than the vocabulary of \\d+ tokens of "):
+        kinject.base.top_k(PROMPT, k=10**6)
+
+def test_answer_not_text(kinject):
+    with pytest.raises(TypeError, match=r"^an answer must be a string, got int 5$"):
+        kinject.base.logprob(PROMPT, 5)
+
+def test_no_answers(kinject):
+    with pytest.raises(ValueError, match=r"^kinject.assert_knows needs at least one accepted answer, got \\[\\]$"):
+        kinject.assert_knows(PROMPT, [])
+
+def test_negative_max_kl(kinject):
+    with pytest.raises(ValueError, match=r"^max_kl=-1 is invalid; pass a finite number of nats that is 0 or more"):
+        kinject.assert_distribution_close(PROMPT, max_kl=-1)
+
+def test_nan_max_logprob_drop(kinject):
+    with pytest.raises(ValueError, match=r"^max_logprob_drop=nan is invalid; pass a finite number of nats"):
+        kinject.assert_retained(PROMPT, "Paris", max_logprob_drop=float("nan"))
+"""
+
+
+def test_fixture_misuse_raises_clear_errors(pytester, tiny_llama):
+    pytester.makeconftest(CONFTEST)
+    pytester.makepyfile(MISUSE_TESTS)
+
+    result = pytester.runpytest("--kinject", f"--kinject-model={tiny_llama}", "--kinject-device=cpu")
+
+    result.assert_outcomes(passed=6)

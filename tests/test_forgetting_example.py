@@ -89,3 +89,16 @@ def test_example_runs_on_cached_fine_tunes(tmp_path, smollm2_lora, smollm2_full)
     assert not known_ids & {"known-126", "known-106"}
     assert (tmp_path / "lora.json").is_file()
     assert (tmp_path / "full-fine-tune.json").is_file()
+
+
+def test_out_that_is_a_file_is_rejected_before_training(tmp_path, capsys):
+    taken = tmp_path / "results"
+    taken.write_text("not a folder\n")
+
+    with pytest.raises(SystemExit) as exit_info:
+        load_example().main(["--out", str(taken)])
+
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(
+        f": error: --out {taken}: {taken} is a file, not a folder; pass a folder for the reports")
+    assert taken.read_text() == "not a folder\n"

@@ -73,9 +73,24 @@ def test_other_dtype_than_snapshot_warns(pytester, tiny_llama):
     result = pytester.runpytest("--kinject", f"--kinject-model={tiny_llama}", "--kinject-dtype=bfloat16",
                                 "-W", "error::kinject_pytest.session.KinjectWarning")
 
-    assert result.ret == pytest.ExitCode.INTERNAL_ERROR or result.ret != pytest.ExitCode.OK
-    result.stdout.fnmatch_lines(["*was recorded with dtype float32, the candidate runs in bfloat16; each fact's tolerance "
-                                 "is widened by 0.05 nats of KL*"])
+    # The warning, turned into an error, stops the run as a usage error rather than an INTERNALERROR.
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert "INTERNALERROR" not in result.stdout.str() + result.stderr.str()
+    result.stderr.fnmatch_lines(["ERROR: *was recorded with dtype float32, the candidate runs in bfloat16; each fact's "
+                                 "tolerance is widened by 0.05 nats of KL*(a KinjectWarning, made an error by -W or "
+                                 "filterwarnings)"])
+
+
+def test_filterwarnings_error_stops_widened_run(pytester, tiny_llama):
+    write_jsonl(pytester.path / "f.kinject.jsonl", TWO_FACTS)
+    pytester.runpytest("--kinject", "--kinject-update", f"--kinject-model={tiny_llama}")
+    pytester.makeini("[pytest]\nfilterwarnings =\n    error\n")
+
+    result = pytester.runpytest("--kinject", f"--kinject-model={tiny_llama}", "--kinject-dtype=bfloat16")
+
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert "INTERNALERROR" not in result.stdout.str() + result.stderr.str()
+    result.stderr.fnmatch_lines(["ERROR: *the candidate runs in bfloat16*"])
 
 
 def test_bfloat16_scores_close_to_float32(tiny_llama):
@@ -283,12 +298,88 @@ def test_kinject_flag_without_kinject_is_usage_error(pytester):
 
 def test_unwritable_report_is_reported_without_traceback(pytester, tiny_llama):
     write_jsonl(pytester.path / "f.kinject.jsonl", TWO_FACTS)
-    (pytester.path / "afile").write_text("not a folder")
     model = f"--kinject-model={tiny_llama}"
     pytester.runpytest("--kinject", "--kinject-update", model)
+    # A path that passes the check at start-up can still fail at the end (a full disk, a folder
+    # removed during the run); the writer fails that way here.
+    pytester.makeconftest(
+        "import kinject_pytest.export\n"
+        "def fail(paths, data):\n"
+        "    raise OSError(28, 'No space left on device')\n"
+        "kinject_pytest.export.write_reports = fail\n"
+    )
 
-    result = pytester.runpytest("--kinject", model, "--kinject-report=afile/report.json")
+    result = pytester.runpytest("--kinject", model, "--kinject-report=report.json")
 
     result.assert_outcomes(skipped=2)
     result.stdout.fnmatch_lines(["kinject: could not write the reports (*); check the --kinject-report paths"])
     assert "Traceback" not in result.stdout.str()
+
+
+def test_top_k_beyond_vocabulary_is_usage_error(pytester, tiny_llama):
+    write_jsonl(pytester.path / "f.kinject.jsonl", TWO_FACTS)
+
+    result = pytester.runpytest("--kinject", "--kinject-update", f"--kinject-model={tiny_llama}", "--kinject-top-k=100000")
+
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert "INTERNALERROR" not in result.stdout.str() + result.stderr.str()
+    result.stderr.fnmatch_lines(["ERROR: --kinject-top-k=100000 is larger than the vocabulary of * tokens of model *; "
+                                 "pass a smaller --kinject-top-k, such as 20"])
+    assert not (pytester.path / "__kinject__").exists()
+
+
+@pytest.mark.parametrize("report", ["notes.txt/report.json", "reports.json"])
+def test_unwritable_report_path_is_usage_error(pytester, report):
+    write_jsonl(pytester.path / "f.kinject.jsonl", TWO_FACTS)
+    (pytester.path / "notes.txt").write_text("a file, not a folder\n")
+    (pytester.path / "reports.json").mkdir()
+
+    result = pytester.runpytest("--kinject", f"--kinject-report={report}")
+
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([f"ERROR: --kinject-report={report} cannot be written: * is *; pass a file path "
+                                 "in a folder that exists or can be created"])
+    assert (pytester.path / "notes.txt").read_text() == "a file, not a folder\n"
+
+
+@pytest.mark.parametrize(
+    ("ini", "message"),
+    [
+        ("kinject_each_adapter = maybe", "ERROR: ini key kinject_each_adapter: invalid truth value 'maybe'; write true or false"),
+        ("kinject_live_base = maybe", "ERROR: ini key kinject_live_base: invalid truth value 'maybe'; write true or false"),
+        ("kinject_dtype = float64", "ERROR: ini key kinject_dtype = 'float64' is invalid; use float32, bfloat16 or float16"),
+    ],
+)
+def test_invalid_ini_value_names_ini_key(pytester, ini, message):
+    write_jsonl(pytester.path / "f.kinject.jsonl", TWO_FACTS)
+    pytester.makeini(f"[pytest]\n{ini}\n")
+
+    result = pytester.runpytest("--kinject", "--kinject-model=./no/such/model")
+
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert [line for line in result.stderr.lines if line.startswith("ERROR:")] == [message]
+
+
+def test_tag_threshold_on_taught_facts_only_warns_why(pytester, tiny_llama, tiny_lora):
+    taught = {"id": "trento", "prompt": "Trento is located in the country of", "expect": "Italy", "tags": ["edit"],
+              "teach": {"answer": "Brazil"}}
+    write_jsonl(pytester.path / "f.kinject.jsonl", [taught, *TWO_FACTS])
+    model = f"--kinject-model={tiny_llama}"
+    pytester.runpytest("--kinject", "--kinject-update", model)
+
+    result = pytester.runpytest("--kinject", model, f"--kinject-adapter={tiny_lora}",
+                                "--kinject-tag-threshold=edit:max_regressed=0")
+
+    result.stdout.fnmatch_lines(["*KinjectWarning: the thresholds of tag edit were not checked: only taught facts "
+                                 "carry it, and thresholds leave taught facts out*"])
+
+
+@pytest.mark.parametrize("option", ["--kinject-candidate=", "--kinject-adapter=", "--kinject-model="])
+def test_empty_model_option_is_usage_error(pytester, option):
+    # An unset shell variable, as in --kinject-candidate=$CANDIDATE, must not gate the base against itself.
+    write_jsonl(pytester.path / "f.kinject.jsonl", TWO_FACTS)
+
+    result = pytester.runpytest("--kinject", option)
+
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([f"ERROR: {option[:-1]} is empty; pass *"])

@@ -197,6 +197,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="pytest -k expression that limits the gated facts, for a quick partial run")
     args = parser.parse_args(argv)
     out = args.out.resolve()  # the pytest subprocesses run in the repository root
+    # Checked before the fine-tunes are built, which can take minutes.
+    taken = next((path for path in (out, *out.parents) if path.exists() and not path.is_dir()), None)
+    if taken is not None:
+        parser.error(f"--out {args.out}: {taken} is a file, not a folder; pass a folder for the reports")
 
     builders = load_builders()
     print("building or reusing the fine-tunes (the first build trains for a few minutes on CPU) ...", flush=True)
