@@ -84,7 +84,9 @@ def test_other_dtype_than_snapshot_warns(pytester, tiny_llama):
 def test_filterwarnings_error_stops_widened_run(pytester, tiny_llama):
     write_jsonl(pytester.path / "f.kinject.jsonl", TWO_FACTS)
     pytester.runpytest("--kinject", "--kinject-update", f"--kinject-model={tiny_llama}")
-    pytester.makeini("[pytest]\nfilterwarnings =\n    error\n")
+    # In-process pytester runs meet kinject_pytest already imported, which pytest warns about; a
+    # user's own run does not.
+    pytester.makeini("[pytest]\nfilterwarnings =\n    error\n    ignore::pytest.PytestAssertRewriteWarning\n")
 
     result = pytester.runpytest("--kinject", f"--kinject-model={tiny_llama}", "--kinject-dtype=bfloat16")
 
@@ -302,11 +304,16 @@ def test_unwritable_report_is_reported_without_traceback(pytester, tiny_llama):
     pytester.runpytest("--kinject", "--kinject-update", model)
     # A path that passes the check at start-up can still fail at the end (a full disk, a folder
     # removed during the run); the writer fails that way here.
+    # The writer is put back when the run ends, because pytester runs in this process.
     pytester.makeconftest(
         "import kinject_pytest.export\n"
+        "original = kinject_pytest.export.write_reports\n"
         "def fail(paths, data):\n"
         "    raise OSError(28, 'No space left on device')\n"
-        "kinject_pytest.export.write_reports = fail\n"
+        "def pytest_configure(config):\n"
+        "    kinject_pytest.export.write_reports = fail\n"
+        "def pytest_unconfigure(config):\n"
+        "    kinject_pytest.export.write_reports = original\n"
     )
 
     result = pytester.runpytest("--kinject", model, "--kinject-report=report.json")
