@@ -485,17 +485,10 @@ def attach_adapters(base: LoadedModel, adapter_dirs: list[str]) -> LoadedModel:
                     result = model.load_adapter(adapter_dir, adapter_name=name)
                     missing = [key for key in result.missing_keys if f".{name}." in key]
         except (RuntimeError, ValueError, KeyError) as error:
-            first_line = str(error).strip().splitlines()[0]
-            raise ModelError(
-                f"adapter {adapter_dir} does not fit base model {base.reference} ({first_line}); "
-                "pass the base it was trained on with --kinject-model"
-            ) from error
+            raise _does_not_fit(adapter_dir, base.reference, error) from error
         _reraise_other_warnings(caught)
         if missing:
-            raise ModelError(
-                f"adapter {adapter_dir} is missing weights that its adapter_config.json declares "
-                f"({_shorten(missing[0])}); re-save the adapter with PeftModel.save_pretrained()"
-            )
+            raise _missing_weights(adapter_dir, missing)
         adapter_hashes.append(_hash_adapter_weights(Path(adapter_dir)))
 
     if len(adapter_dirs) > 1:
@@ -533,18 +526,11 @@ def replace_adapter(adapted: LoadedModel, adapter_dir: str) -> LoadedModel:
             warnings.simplefilter("always")
             result = model.load_adapter(adapter_dir, adapter_name=name)
     except (RuntimeError, ValueError, KeyError) as error:
-        first_line = str(error).strip().splitlines()[0]
-        raise ModelError(
-            f"adapter {adapter_dir} does not fit base model {adapted.reference} ({first_line}); "
-            "pass the base it was trained on with --kinject-model"
-        ) from error
+        raise _does_not_fit(adapter_dir, adapted.reference, error) from error
     _reraise_other_warnings(caught)
     missing = [key for key in result.missing_keys if f".{name}." in key]
     if missing:
-        raise ModelError(
-            f"adapter {adapter_dir} is missing weights that its adapter_config.json declares "
-            f"({_shorten(missing[0])}); re-save the adapter with PeftModel.save_pretrained()"
-        )
+        raise _missing_weights(adapter_dir, missing)
 
     model.set_adapter(name)
     for old_name in previous:
@@ -584,6 +570,17 @@ def base_logits(loaded: LoadedModel, text: str) -> Any:
         warnings.simplefilter("ignore")  # peft's warning about biases; the caller's comparison decides
         with disabled:
             return loaded.model(tokens).logits
+
+
+def _does_not_fit(adapter_dir: str, reference: str, error: Exception) -> ModelError:
+    first_line = str(error).strip().splitlines()[0]
+    return ModelError(f"adapter {adapter_dir} does not fit base model {reference} ({first_line}); "
+                      "pass the base it was trained on with --kinject-model")
+
+
+def _missing_weights(adapter_dir: str, missing: list[str]) -> ModelError:
+    return ModelError(f"adapter {adapter_dir} is missing weights that its adapter_config.json declares "
+                      f"({_shorten(missing[0])}); re-save the adapter with PeftModel.save_pretrained()")
 
 
 def _reraise_other_warnings(caught: list[warnings.WarningMessage]) -> None:
