@@ -56,10 +56,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="Size of the recorded next-token distribution, default 20 (ini: kinject_top_k).")
     group.addoption("--kinject-max-kl", metavar="NATS", type=float, default=None,
                     help="Tolerance on KL(base || candidate) over the base's top-k, in nats; default 0.5 "
-                         "(ini: kinject_max_kl). Suite and fact tolerances win over it.")
+                         "(ini: kinject_max_kl). Suite, tag and fact tolerances win over it.")
     group.addoption("--kinject-max-logprob-drop", metavar="NATS", type=float, default=None,
                     help="Tolerance on the drop of the expected answer's log-probability, in nats; default 1.0 "
-                         "(ini: kinject_max_logprob_drop). Suite and fact tolerances win over it.")
+                         "(ini: kinject_max_logprob_drop). Suite, tag and fact tolerances win over it.")
     group.addoption("--kinject-min-top-k-overlap", metavar="FRACTION", type=float, default=None,
                     help="Tolerance on the fraction of the base's top-k next tokens that must stay in the "
                          "candidate's top-k, 0 to 1; default 0.3 (ini: kinject_min_top_k_overlap). Suite, tag and "

@@ -245,6 +245,7 @@ class KinjectSession:
         self._adapted: LoadedModel | None = None  # the base with the current adapter, under each_adapter
         self._base_reference: tuple[str, Any] | None = None  # a prompt and the base's logits on it
         self._base_scored = False
+        self._checked_in_memory: LoadedModel | None = None  # the base whose tensor hash _judge checked
         self._errors: dict[str, str] = {}  # fact key -> why the fact has no usable base results
 
     def run(self, facts: list[Fact], *, whole_suites: set[Path] = frozenset(),
@@ -408,6 +409,7 @@ class KinjectSession:
         return usable
 
     def _judge(self, run: CandidateRun, judged: dict[Path, list[Fact]], snapshots: dict[Path, Snapshot | None]) -> None:
+        self._checked_in_memory = None
         candidate = self._candidate_for(run, next(fact for facts in judged.values() for fact in facts))
         largest_change = 0.0
         for suite, facts in judged.items():
@@ -558,12 +560,14 @@ class KinjectSession:
 
     def _check_base_in_memory(self, suite: Path, snapshot: Snapshot, candidate: LoadedModel) -> None:
         """Raise KinjectUsageError when the base's tensors differ from the snapshot's or from their load-time hash."""
-        if candidate is self._base:
-            # With adapters, attach_adapters made this check before PEFT changed the base in place.
+        # With adapters, attach_adapters made this check before PEFT changed the base in place. The
+        # hash takes about a second, so a base is checked once per candidate, not once per suite.
+        if candidate is self._base and self._checked_in_memory is not candidate:
             try:
                 check_unmodified(candidate)
             except ModelError as error:
                 raise KinjectUsageError(f"{snapshot.path}: {error}") from error
+            self._checked_in_memory = candidate
 
         # The hash covers the tensors' bytes, so it is only comparable in the recorded dtype.
         # Snapshots recorded before the hash existed have no state_sha256 and skip this check.

@@ -91,7 +91,7 @@ def test_example_runs_on_cached_fine_tunes(tmp_path, smollm2_lora, smollm2_full)
     assert (tmp_path / "full-fine-tune.json").is_file()
 
 
-def test_out_that_is_a_file_is_rejected_before_training(tmp_path, capsys):
+def test_out_file_rejected_before_training(tmp_path, capsys):
     taken = tmp_path / "results"
     taken.write_text("not a folder\n")
 

@@ -302,9 +302,9 @@ def test_unwritable_report_is_reported_without_traceback(pytester, tiny_llama):
     write_jsonl(pytester.path / "f.kinject.jsonl", TWO_FACTS)
     model = f"--kinject-model={tiny_llama}"
     pytester.runpytest("--kinject", "--kinject-update", model)
-    # A path that passes the check at start-up can still fail at the end (a full disk, a folder
-    # removed during the run); the writer fails that way here.
-    # The writer is put back when the run ends, because pytester runs in this process.
+    # A path that passes the start-up check can still fail at the end, for example on a full disk.
+    # The conftest makes the writer fail that way and puts it back afterwards, because pytester
+    # runs in this process.
     pytester.makeconftest(
         "import kinject_pytest.export\n"
         "original = kinject_pytest.export.write_reports\n"
